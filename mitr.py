@@ -1,0 +1,563 @@
+"""MITr: the Multi-label Transformer of Cheng et al., 2021, Section 3.1, as one readable file.
+
+Read it beside the paper, top to bottom:
+
+    Table 1 ............ MITrConfig, VARIANTS
+    Fig. 3(a), Eq. 1-2 . window_partition, PixelAttention, PixelBlock   (in-window attention, shift)
+    Fig. 3(b), Eq. 3-4 . CrossWindowAttention, CrossWindowBlock        (windows are the tokens)
+    Fig. 2 ............. PatchEmbed -> Stage x4 (SpaceToDepth between) -> object-aware token -> heads
+    Eq. 11 / Eq. 13 .... the class head: linear, or arc (s * cos theta)
+    Eq. 17 ............. the count head on the object-aware token
+    Eq. 5-10 ........... analytic_flops, count_flops, summary  (`python mitr.py --variant s`)
+
+The block layout is the paper's silent part (README, "Interpretations"). One "block" of Table 1 is
+a *unit* of three sub-blocks: a Swin block with plain windows (W-MSA), a Swin block with shifted
+windows (SW-MSA), then a cross-window block. Stages 1-3 hold such units; the last stage, a single
+window at the paper's resolutions (7x7 with ws 7, 12x12 with ws 12), holds only the two pixel
+blocks, and the object-aware token joins their attention. This is the reading that reproduces
+Table 2's parameter counts (33 / 62 / 108 M; we get 31.6 / 60.9 / 107.5 M), and it makes the
+pixel-attention path of s, m, l exactly Swin-T, Swin-S and Swin-B: `stages[i].pixel_blocks[j]` is
+Swin's `layers[i].blocks[j]`, which is what `load_swin` relies on.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Table 1: the variants
+
+@dataclass
+class MITrConfig:
+    img_size: int = 224                 # input resolution (Table 1)
+    patch_size: int = 4                 # P
+    embed_dim: int = 96                 # C, channels of stage 1; doubled by every space-to-depth
+    window_size: int = 7                # w_s
+    depths: tuple = (1, 1, 3, 1)        # Table 1's "block numbers in four layer" (units, see above)
+    num_heads: tuple = (3, 6, 12, 24)   # pixel-attention heads per stage (Swin's; not in the paper)
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.2              # stochastic depth, as the matching Swin (not in the paper)
+    arc_scale: float = 8.0              # s of Eq. 13 (Section 4.1, Table 6)
+    # Table 5's ablation steps, all on by default ("fixed window" = all off):
+    pos_embed: bool = True              # relative position bias in pixel attention
+    shift: bool = True                  # shifted windows in every second pixel block
+    cross_window: bool = True           # cross-window blocks (Eq. 3-4)
+    arc_sigmoid: bool = True            # class head s * cos(theta) (Eq. 13) instead of linear (Eq. 11)
+    object_token: bool = True           # object-aware token and its count head (Eq. 17)
+
+
+VARIANTS = {
+    # Not from the paper: a CPU-sized model for demos, tests and the Shapes dataset. Its window
+    # layout mirrors MITr-s (8, 4, 2, 1 windows per side in the four stages).
+    "tiny": MITrConfig(img_size=96, embed_dim=32, window_size=3, depths=(1, 1, 1, 1),
+                       num_heads=(1, 2, 4, 8), drop_path=0.0),
+    # Table 1.
+    "s": MITrConfig(img_size=224, embed_dim=96, window_size=7, depths=(1, 1, 3, 1),
+                    num_heads=(3, 6, 12, 24), drop_path=0.2),
+    "m": MITrConfig(img_size=384, embed_dim=96, window_size=12, depths=(1, 1, 9, 1),
+                    num_heads=(3, 6, 12, 24), drop_path=0.3),
+    "l": MITrConfig(img_size=384, embed_dim=128, window_size=12, depths=(1, 1, 9, 1),
+                    num_heads=(4, 8, 16, 32), drop_path=0.5),
+}
+TABLE2_PARAMS_M = {"s": 33, "m": 62, "l": 108}    # Table 2, millions, 80 COCO classes
+
+
+def stage_geometry(config: MITrConfig, img_size: int | None = None):
+    """Per stage: (resolution, channels, window, shift, has_cross_window). Swin's rule: a window
+    never exceeds the feature map, and a map that fits in one window is not shifted."""
+    side = (img_size or config.img_size) // config.patch_size
+    out = []
+    for i in range(4):
+        res = side // 2 ** i
+        ws = min(config.window_size, res)
+        shift = ws // 2 if (config.shift and res > ws) else 0
+        # Paper: silent on the last stage. Here: no cross-window block there, because at the
+        # paper's resolutions it is one window (one token to attend to), and Table 2's parameter
+        # counts only fit without it (36.3 / 65.7 / 115.9 M with it).
+        out.append((res, config.embed_dim * 2 ** i, ws, shift, config.cross_window and i < 3))
+    return out
+
+
+def valid_image_size(config: MITrConfig, side: int) -> bool:
+    if side % config.patch_size or side // config.patch_size % 8:
+        return False
+    ws = [g[2] for g in stage_geometry(config)]           # windows are fixed when the model is built
+    return all((side // config.patch_size // 2 ** i) % ws[i] == 0 for i in range(4))
+
+
+# -----------------------------------------------------------------------------
+# Windows (Fig. 3): partition, reverse, relative positions, the shifted-window mask
+
+def window_partition(x, ws):
+    """(B, H, W, C) -> (B*nW, ws*ws, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C)                   # (B, nH, ws, nW_, ws, C)
+    x = x.permute(0, 1, 3, 2, 4, 5)                               # (B, nH, nW_, ws, ws, C)
+    return x.reshape(-1, ws * ws, C)                              # (B*nW, ws*ws, C)
+
+
+def window_reverse(windows, ws, H, W):
+    """(B*nW, ws*ws, C) -> (B, H, W, C); the inverse of window_partition."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C)             # (B, nH, nW_, ws, ws, C)
+    x = x.permute(0, 1, 3, 2, 4, 5)                               # (B, nH, ws, nW_, ws, C)
+    return x.reshape(-1, H, W, C)                                 # (B, H, W, C)
+
+
+def relative_position_index(ws):
+    """(ws*ws, ws*ws) index into a ((2ws-1)^2, heads) bias table, as Swin builds it."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"))
+    coords = coords.flatten(1)                                    # (2, ws*ws)
+    rel = coords[:, :, None] - coords[:, None, :]                 # (2, N, N), each in [-(ws-1), ws-1]
+    rel = rel + (ws - 1)                                          # shift to [0, 2ws-2]
+    return rel[0] * (2 * ws - 1) + rel[1]                         # (N, N)
+
+
+def shifted_window_mask(H, W, ws, shift):
+    """(nW, ws*ws, ws*ws) additive mask, -inf between tokens that the cyclic shift made neighbours.
+
+    After torch.roll by -shift, the last windows of each row/column hold pixels from both borders.
+    Label the 3x3 regions of the rolled map; tokens with different labels may not attend."""
+    labels = torch.zeros(1, H, W, 1)
+    cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    for n, (hs, wss) in enumerate((h, w) for h in cuts for w in cuts):   # 9 regions, not windows
+        labels[:, hs, wss, :] = n
+    labels = window_partition(labels, ws).squeeze(-1)             # (nW, ws*ws)
+    differ = labels[:, None, :] != labels[:, :, None]             # (nW, N, N)
+    return torch.zeros(differ.shape).masked_fill(differ, float("-inf"))
+
+
+# -----------------------------------------------------------------------------
+# Pixel attention (Fig. 3a, Eq. 1-2)
+
+class PixelAttention(nn.Module):
+    """Multi-head self-attention inside each ws x ws window, with Swin's relative position bias.
+
+    The object-aware token, when given, is appended to every window (one extra key/query); its
+    outputs from the windows are averaged. At the paper's resolutions the last stage is a single
+    window, so the token simply joins global attention over the 7x7 (or 12x12) map."""
+
+    def __init__(self, dim, window_size, num_heads, pos_embed=True):
+        super().__init__()
+        self.ws, self.heads = window_size, num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if pos_embed:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * window_size - 1) ** 2, num_heads))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+            self.register_buffer("relative_position_index",
+                                 relative_position_index(window_size), persistent=False)
+        else:
+            self.relative_position_bias_table = None
+
+    def attention_bias(self, mask, nW, token):
+        """Relative position bias + shift mask -> (1, nW*heads, L, L), or None."""
+        N = self.ws * self.ws
+        bias = None
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            bias = bias.view(N, N, self.heads).permute(2, 0, 1)[None]      # (1, heads, N, N)
+        if mask is not None:
+            bias = mask[:, None] if bias is None else bias + mask[:, None]   # (nW, heads|1, N, N)
+        if bias is None:
+            return None
+        if token:
+            # Paper: silent on how the token is positioned. Here: no bias to or from it (zeros).
+            bias = F.pad(bias, (0, 1, 0, 1))                          # (.., N+1, N+1)
+        L = bias.shape[-1]
+        return bias.expand(nW, self.heads, L, L).reshape(1, nW * self.heads, L, L)
+
+    def forward(self, windows, batch, mask=None, token=None):
+        """windows (B*nW, N, C), mask (nW, N, N) or None, token (B, 1, C) or None."""
+        BnW, N, C = windows.shape
+        nW, h = BnW // batch, self.heads
+        if token is not None:
+            tok = token[:, None].expand(batch, nW, 1, C).reshape(BnW, 1, C)  # (B,1,C) -> (B*nW,1,C)
+            windows = torch.cat([windows, tok], dim=1)            # (B*nW, N+1, C)
+        L = windows.shape[1]
+        # Windows are folded into the head axis so that one (1, nW*heads, L, L) bias broadcasts
+        # over the batch: a single fused attention call for all windows, heads and images.
+        qkv = self.qkv(windows).view(batch, nW, L, 3, h, C // h)   # (B, nW, L, 3, h, d)
+        qkv = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, batch, nW * h, L, C // h)  # (3, B, nW*h, L, d)
+        q, k, v = qkv.unbind(0)
+        bias = self.attention_bias(mask, nW, token is not None)
+        bias = None if bias is None else bias.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)   # softmax(qk^T/sqrt(d) + B) v
+        x = x.view(batch, nW, h, L, C // h).transpose(2, 3).reshape(BnW, L, C)  # (B*nW, L, C)
+        x = self.proj(x)
+        if token is None:
+            return x, None
+        return x[:, :N], x[:, N:].reshape(batch, nW, 1, C).mean(1)  # (B*nW, N, C), (B, 1, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, ratio):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(dim * ratio))
+        self.fc2 = nn.Linear(int(dim * ratio), dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class PixelBlock(nn.Module):
+    """Eq. 1-2 (a Swin block): x' = x + PA(LN(x)); x'' = x' + MLP(LN(x')); shifted when shift > 0."""
+
+    def __init__(self, dim, heads, ws, shift, cfg: MITrConfig, dpr=0.0):
+        super().__init__()
+        self.ws, self.shift, self.dpr = ws, shift, dpr
+        self.norm1 = nn.LayerNorm(dim)
+        self.pixel_attention = PixelAttention(dim, ws, heads, cfg.pos_embed)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, cfg.mlp_ratio)
+        self._masks = {}                          # shifted-window masks, computed once per size
+
+    def mask(self, H, W, device):
+        if not self.shift:
+            return None
+        key = (H, W, str(device))
+        if key not in self._masks:
+            self._masks[key] = shifted_window_mask(H, W, self.ws, self.shift).to(device)
+        return self._masks[key]
+
+    def forward(self, x, H, W, token=None):
+        """x (B, H*W, C), token (B, 1, C) or None."""
+        B, _, C = x.shape
+        y = self.norm1(x).view(B, H, W, C)                        # (B, H*W, C) -> (B, H, W, C)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = window_partition(y, self.ws)                          # (B*nW, ws*ws, C)
+        t = None if token is None else self.norm1(token)
+        y, t = self.pixel_attention(y, B, self.mask(H, W, x.device), t)
+        y = window_reverse(y, self.ws, H, W)                      # (B, H, W, C)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + drop_path(y.reshape(B, H * W, C), self.dpr, self.training)        # Eq. (1)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.dpr, self.training)       # Eq. (2)
+        if token is not None:
+            token = token + drop_path(t, self.dpr, self.training)                  # Eq. (1), token
+            token = token + drop_path(self.mlp(self.norm2(token)), self.dpr, self.training)  # Eq. (2)
+        return x, token
+
+
+# -----------------------------------------------------------------------------
+# Cross-window attention (Fig. 3b, Eq. 3-4)
+
+class CrossWindowAttention(nn.Module):
+    """Self-attention among the windows of one channel.
+
+    Each ws x ws window of a channel is unfolded into one token of length ws^2; the nW tokens of a
+    channel attend to each other (one head, embedding ws^2, shared by all channels and without
+    position bias, as in the authors' sibling code CAT). Its weights are ws^2 x ws^2 matrices, so
+    its parameters scale with ws^4 (Eq. 10) and its cost is linear in C (Eq. 9)."""
+
+    def __init__(self, window_size):
+        super().__init__()
+        self.ws = window_size
+        n = window_size * window_size
+        self.qkv = nn.Linear(n, 3 * n)
+        self.proj = nn.Linear(n, n)
+
+    def forward(self, x):
+        """x (B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        ws, nh, nw = self.ws, H // self.ws, W // self.ws
+        t = x.view(B, nh, ws, nw, ws, C)                           # (B, nh, ws, nw, ws, C)
+        t = t.permute(0, 5, 1, 3, 2, 4).reshape(B * C, nh * nw, ws * ws)  # (B*C, nW, ws*ws)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)                     # 3 x (B*C, nW, ws*ws)
+        t = F.scaled_dot_product_attention(q, k, v)                # windows attend to windows
+        t = self.proj(t)                                           # (B*C, nW, ws*ws)
+        t = t.view(B, C, nh, nw, ws, ws).permute(0, 2, 4, 3, 5, 1)  # (B, nh, ws, nw, ws, C)
+        return t.reshape(B, H, W, C)
+
+
+class CrossWindowBlock(nn.Module):
+    """Eq. 3-4: x' = x + CWA(LN(x)); x'' = x' + MLP(LN(x'))."""
+
+    def __init__(self, dim, ws, cfg: MITrConfig, dpr=0.0):
+        super().__init__()
+        self.dpr = dpr
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_window_attention = CrossWindowAttention(ws)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, cfg.mlp_ratio)
+
+    def forward(self, x, H, W):
+        B, L, C = x.shape
+        y = self.cross_window_attention(self.norm1(x).view(B, H, W, C))   # (B, H, W, C)
+        x = x + drop_path(y.view(B, L, C), self.dpr, self.training)          # Eq. (3)
+        return x + drop_path(self.mlp(self.norm2(x)), self.dpr, self.training)  # Eq. (4)
+
+
+# -----------------------------------------------------------------------------
+# Fig. 2: patch embedding, stages, space-to-depth, object-aware token, heads
+
+class PatchEmbed(nn.Module):
+    """Convolutional projection of P x P patches to C channels: (B, 3, H, W) -> (B, H/P*W/P, C)."""
+
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.proj(x)                                           # (B, C, H/P, W/P)
+        return self.norm(x.flatten(2).transpose(1, 2))             # (B, H/P*W/P, C)
+
+
+class SpaceToDepth(nn.Module):
+    """Resolution / 2 each side, channels x 2 (Section 3.1.1).
+
+    Paper: cites PiT's pooling [11] for "space to depth". Here: Swin's patch merging (each 2x2
+    neighbourhood concatenated to 4C, LayerNorm, linear 4C -> 2C without bias), because Table 2's
+    parameter counts and the ImageNet-pretrained weights of Section 4.1 both point to Swin's."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x, H, W):
+        B, _, C = x.shape
+        x = x.view(B, H // 2, 2, W // 2, 2, C)                     # (B, H/2, dh, W/2, dw, C)
+        # Swin's concat order is (dh, dw) = (0,0), (1,0), (0,1), (1,1): dw is the slower index.
+        x = x.permute(0, 1, 3, 4, 2, 5).reshape(B, H * W // 4, 4 * C)  # (B, H/2*W/2, 4C)
+        return self.reduction(self.norm(x))                        # (B, H/2*W/2, 2C)
+
+
+class Stage(nn.Module):
+    """One of Fig. 2's four layers: `depth` units of (W-MSA, SW-MSA[, cross-window]) blocks, then
+    space-to-depth (except after the last). Swin's checkpoint keys map one-to-one:
+    layers.i.blocks.j -> stages.i.pixel_blocks.j, layers.i.downsample -> stages.i.space_to_depth."""
+
+    def __init__(self, cfg: MITrConfig, i, dprs):
+        super().__init__()
+        res, dim, ws, shift, cwa = stage_geometry(cfg)[i]
+        self.depth = cfg.depths[i]
+        heads = cfg.num_heads[i]
+        dpr = iter(dprs)
+        self.pixel_blocks, self.cross_window_blocks = nn.ModuleList(), nn.ModuleList()
+        for _ in range(self.depth):
+            self.pixel_blocks.append(PixelBlock(dim, heads, ws, 0, cfg, next(dpr)))
+            self.pixel_blocks.append(PixelBlock(dim, heads, ws, shift, cfg, next(dpr)))
+            if cwa:
+                self.cross_window_blocks.append(CrossWindowBlock(dim, ws, cfg, next(dpr)))
+        self.space_to_depth = SpaceToDepth(dim) if i < 3 else None
+
+    def forward(self, x, H, W, token=None):
+        for u in range(self.depth):
+            x, token = self.pixel_blocks[2 * u](x, H, W, token)       # W-MSA, Eq. 1-2
+            x, token = self.pixel_blocks[2 * u + 1](x, H, W, token)   # SW-MSA, Eq. 1-2
+            if self.cross_window_blocks:
+                x = self.cross_window_blocks[u](x, H, W)               # CWA, Eq. 3-4
+        if self.space_to_depth is not None:
+            x = self.space_to_depth(x, H, W)
+        return x, token
+
+
+class ArcHead(nn.Module):
+    """Eq. 13's class head: logits = s * cos(theta_ij), theta the angle between feature x_i and
+    class weight W_j; no bias. sigmoid(logits) is the paper's p_ij."""
+
+    def __init__(self, dim, num_classes, s=8.0):
+        super().__init__()
+        self.s = s
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        # Paper: p = 1 / (1 + e^{s cos theta}). Here: p = sigmoid(s cos theta) = 1 / (1 + e^{-s cos
+        # theta}), because as printed p would fall as the feature turns towards its class.
+        cos = F.normalize(x.float(), dim=-1) @ F.normalize(self.weight.float(), dim=-1).t()
+        return self.s * cos                                        # Eq. (13), (B, n) logits
+
+
+class MITr(nn.Module):
+    """images (B, 3, H, W) -> (class_logits (B, n), count_logits (B, n+1) or None)."""
+
+    def __init__(self, config: MITrConfig, num_classes: int):
+        super().__init__()
+        self.config, self.num_classes = config, num_classes
+        cfg = config
+        geometry = stage_geometry(cfg)
+        n_blocks = [d * (2 + g[4]) for d, g in zip(cfg.depths, geometry)]
+        dprs = torch.linspace(0, cfg.drop_path, sum(n_blocks)).tolist()   # Swin's linear schedule
+        starts = [sum(n_blocks[:i]) for i in range(4)]
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
+        self.stages = nn.ModuleList(
+            Stage(cfg, i, dprs[starts[i]:starts[i] + n_blocks[i]]) for i in range(4))
+        dim = cfg.embed_dim * 8
+        self.norm = nn.LayerNorm(dim)
+        # Eq. 11 (linear) or Eq. 13 (arc) on the average-pooled pixel tokens.
+        self.head = ArcHead(dim, num_classes, cfg.arc_scale) if cfg.arc_sigmoid else nn.Linear(dim, num_classes)
+        if cfg.object_token:
+            # Section 3.2.2: a learned token stacked to the last layer; its head classifies the number
+            # of distinct classes z in 0..n (Eq. 17). Paper: "followed by MLP". Here: one linear layer.
+            self.object_token = nn.Parameter(torch.zeros(1, 1, dim))
+            nn.init.trunc_normal_(self.object_token, std=0.02)
+            self.count_head = nn.Linear(dim, num_classes + 1)
+        else:
+            self.object_token, self.count_head = None, None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):                               # Swin's initialisation
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def check_size(self, H, W):
+        cfg = self.config
+        if not (valid_image_size(cfg, H) and valid_image_size(cfg, W)):
+            ok = [s for s in range(cfg.patch_size, 4 * cfg.img_size + 1, cfg.patch_size)
+                  if valid_image_size(cfg, s)][:4]
+            raise ValueError(f"MITr (P={cfg.patch_size}, ws={cfg.window_size}, built for "
+                             f"{cfg.img_size}) cannot take a {H}x{W} image: every stage must hold a "
+                             f"whole number of windows. Sides that work: {', '.join(map(str, ok))}, ...")
+
+    def forward_tokens(self, images):
+        """images (B, 3, H, W) -> (normed pixel tokens (B, h*w, 8C), normed object token (B, 1, 8C) or None)."""
+        B, _, H, W = images.shape
+        self.check_size(H, W)
+        x = self.patch_embed(images)                               # (B, H/P*W/P, C)
+        H, W = H // self.config.patch_size, W // self.config.patch_size
+        token = None
+        for i, stage in enumerate(self.stages):
+            if i == 3 and self.object_token is not None:
+                token = self.object_token.expand(B, -1, -1)        # (B, 1, 8C)
+            x, token = stage(x, H, W, token)
+            if i < 3:
+                H, W = H // 2, W // 2
+        return self.norm(x), (None if token is None else self.norm(token))
+
+    def forward_features(self, images):
+        """Pooled feature (B, 8C) that the class head reads."""
+        return self.forward_tokens(images)[0].mean(1)              # average pooling over tokens
+
+    def forward(self, images):
+        x, token = self.forward_tokens(images)
+        class_logits = self.head(x.mean(1))                        # Eq. (11) or Eq. (13), (B, n)
+        count_logits = None if token is None else self.count_head(token[:, 0])   # Eq. (17), (B, n+1)
+        return class_logits, count_logits
+
+
+# -----------------------------------------------------------------------------
+# Section 3.1.3: cost. FLOPs here are multiply-adds (MACs), as the paper and Swin count them.
+
+def analytic_flops(config: MITrConfig, num_classes: int = 80, img_size: int | None = None):
+    """Eq. 5, 7, 9 per block plus the layers between them -> {part: MACs}.
+
+    Eq. 7 (pixel attention):  4hwC^2 (q, k, v, output projections) + 2 ws^2 hwC (QK^T and AV).
+    Eq. 9 (cross-window):     4hw ws^2 C + 2 (hw)^2 C / ws^2.
+      Paper: prints the first term as "4 h w_s^2 C". Here: 4 h w w_s^2 C, because each of the hw/ws^2
+      window tokens of each of the C channels goes through four ws^2 x ws^2 projections.
+    Eq. 5 (global attention, for comparison only): 4hwC^2 + 2(hw)^2 C.
+    Each block's MLP adds 2 * ratio * hwC^2 (8hwC^2 at ratio 4)."""
+    cfg = config
+    img = img_size or cfg.img_size
+    flops = {"patch_embed": (img // cfg.patch_size) ** 2 * 3 * cfg.patch_size ** 2 * cfg.embed_dim}
+    for i, (res, C, ws, _, cwa) in enumerate(stage_geometry(cfg, img)):
+        hw = res * res
+        mlp = 2 * cfg.mlp_ratio * hw * C * C
+        pa = 4 * hw * C * C + 2 * ws * ws * hw * C                 # Eq. (7)
+        if i == 3 and cfg.object_token:                            # one more token in every window
+            nW, L = hw // (ws * ws), ws * ws + 1
+            pa = nW * (4 * L * C * C + 2 * L * L * C) + 2 * cfg.mlp_ratio * C * C
+        cw = 4 * hw * ws * ws * C + 2 * hw * hw * C / (ws * ws)    # Eq. (9)
+        stage = cfg.depths[i] * (2 * (pa + mlp) + (cw + mlp if cwa else 0))
+        if i < 3:
+            stage += (hw // 4) * 4 * C * 2 * C                     # space-to-depth
+        flops[f"stage{i + 1}"] = stage
+    dim = cfg.embed_dim * 8
+    flops["heads"] = dim * num_classes + (dim * (num_classes + 1) if cfg.object_token else 0)
+    return flops
+
+
+def count_flops(model: nn.Module, img_size: int | None = None, batch: int = 1):
+    """FLOPs counted by torch.utils.flop_counter for one forward pass -> {module path: MACs}.
+
+    FlopCounterMode counts a multiply-add as 2 FLOPs; we halve it. It does not see the CPU's fused
+    attention kernel, so attention runs on the math backend (plain matmuls) while counting."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    img = img_size or model.config.img_size
+    x = torch.zeros(batch, 3, img, img, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    # (Not under no_grad: FlopCounterMode's module tracker asserts on grad-less inputs there.)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    counts = counter.get_flop_counts()
+    return {k: sum(v.values()) / 2 / batch for k, v in counts.items()}
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summary(model: MITr, img_size: int | None = None, counted: bool = True) -> str:
+    """A per-stage table: token grid, channels, windows, parameters, analytic and counted GFLOPs."""
+    cfg = model.config
+    img = img_size or cfg.img_size
+    analytic = analytic_flops(cfg, model.num_classes, img)
+    measured = count_flops(model, img) if counted else {}
+    root = type(model).__name__
+    rows = [("part", "tokens", "C", "windows", "params(M)", "GFLOPs(Eq.)", "GFLOPs(counted)")]
+    parts = [("patch_embed", f"{img // cfg.patch_size}^2", cfg.embed_dim, "-", model.patch_embed)]
+    for i, (res, C, ws, shift, cwa) in enumerate(stage_geometry(cfg, img)):
+        blocks = f"{(res // ws) ** 2}x{ws}^2" + (" shift" if shift else "") + (" +CWA" if cwa else "")
+        parts.append((f"stage{i + 1}", f"{res}^2", C, blocks, model.stages[i]))
+    heads = nn.ModuleList([m for m in (model.norm, model.head, model.count_head) if m is not None])
+    parts.append(("heads", "-", cfg.embed_dim * 8, "-", heads))
+    for name, tokens, C, windows, module in parts:
+        params = num_params(module) + (model.object_token.numel() if name == "stage4" and model.object_token is not None else 0)
+        key = {"heads": None}.get(name, f"{root}.{name.replace('stage', 'stages.')}")
+        if name.startswith("stage"):
+            key = f"{root}.stages.{int(name[5:]) - 1}"
+        got = measured.get(key) if key else sum(measured.get(f"{root}.{n}", 0) for n in ("norm", "head", "count_head"))
+        rows.append((name, tokens, C, windows, f"{params / 1e6:.2f}", f"{analytic[name] / 1e9:.3f}",
+                     "-" if not counted else f"{got / 1e9:.3f}"))
+    total_a = sum(analytic.values())
+    rows.append(("total", "", "", "", f"{num_params(model) / 1e6:.2f}", f"{total_a / 1e9:.3f}",
+                 "-" if not counted else f"{measured[root] / 1e9:.3f}"))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Print MITr's per-stage table: shapes, parameters, FLOPs.")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="s")
+    ap.add_argument("--num-classes", type=int, default=80)
+    ap.add_argument("--img-size", type=int, default=None)
+    args = ap.parse_args()
+    model = MITr(VARIANTS[args.variant], args.num_classes)
+    print(f"MITr-{args.variant}  {VARIANTS[args.variant]}")
+    print(summary(model, args.img_size))
+    if args.variant in TABLE2_PARAMS_M:
+        print(f"Table 2 reports {TABLE2_PARAMS_M[args.variant]}M parameters; "
+              f"this model has {num_params(model) / 1e6:.1f}M with {args.num_classes} classes.")
+
+
+if __name__ == "__main__":
+    main()
