@@ -396,7 +396,8 @@ class MITr(nn.Module):
         cfg = config
         geometry = stage_geometry(cfg)
         n_blocks = [d * (2 + g[4]) for d, g in zip(cfg.depths, geometry)]
-        dprs = torch.linspace(0, cfg.drop_path, sum(n_blocks)).tolist()   # Swin's linear schedule
+        total = sum(n_blocks)
+        dprs = [cfg.drop_path * k / max(total - 1, 1) for k in range(total)]   # Swin's linear schedule
         starts = [sum(n_blocks[:i]) for i in range(4)]
 
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim)
