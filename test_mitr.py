@@ -11,6 +11,13 @@ import torch.nn.functional as F
 
 import mitr
 from mitr import MITr, VARIANTS
+import time
+import numpy as np
+from losses import (arc_logits, arc_sigmoid, asymmetric_loss, bce_loss, linear_sigmoid,
+                    mitr_loss, object_token_loss)
+from metrics import (average_precision, format_report, multilabel_report,
+                     size_average_precision)
+
 
 # =============================================================================
 # mitr.py
@@ -270,3 +277,432 @@ def test_model_cli_prints_the_stage_table():
     out = subprocess.run([sys.executable, "mitr.py", "--variant", "tiny"], capture_output=True,
                          text=True, check=True).stdout
     assert "stage4" in out and "GFLOPs(counted)" in out
+
+
+# =============================================================================
+# losses.py and metrics.py (Section 3.2 Eq. 11-18; Section 4.1 metrics)
+
+def test_losses_linear_sigmoid_hand():
+    # x = [1, -1]; W_1 = [1, 1], b_1 = 0 -> logit 0 -> p = 0.5
+    #              W_2 = [2, 0], b_2 = ln 3 - 2 -> logit ln 3 -> p = 3 / (1 + 3) = 0.75
+    x = torch.tensor([[1.0, -1.0]])
+    W = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([0.0, math.log(3) - 2])
+    p = linear_sigmoid(x, W, b)
+    assert p.shape == (1, 2)
+    assert torch.allclose(p, torch.tensor([[0.5, 0.75]]))
+    # the corrected sign: p rises with the product x W_j^T
+    assert linear_sigmoid(x, 2 * W, b)[0, 1] > p[0, 1]
+
+
+def test_losses_bce_hand():
+    # p = [0.5, 0.75], y = [1, 0]: -ln 0.5 - ln(1 - 0.75) = ln 2 + ln 4 = 3 ln 2
+    # second sample y = [-1, 1]: only -ln 0.75
+    p = torch.tensor([[0.5, 0.75], [0.5, 0.75]])
+    y = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    out = bce_loss(p, y)
+    assert out.shape == (2,)
+    assert torch.allclose(out, torch.tensor([3 * math.log(2), -math.log(0.75)]))
+    # the logit path gives the same value
+    assert torch.allclose(bce_loss(None, y, logits=torch.logit(p)), out, atol=1e-6)
+
+
+def test_losses_arc_sigmoid_hand():
+    # x = [3, 4] (norm 5); W_1 = [1, 0] -> cos = 3/5 = 0.6; W_2 = [0, -2] -> cos = -4/5 = -0.8
+    # s = 8: logits 4.8 and -6.4, p = sigmoid of them
+    x = torch.tensor([[3.0, 4.0]])
+    W = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    assert torch.allclose(arc_logits(x, W), torch.tensor([[4.8, -6.4]]))
+    p = arc_sigmoid(x, W, s=8.0)
+    assert torch.allclose(p, torch.sigmoid(torch.tensor([[4.8, -6.4]])))
+    # scale-invariant in x and W, bounded by sigmoid(+-s)
+    assert torch.allclose(arc_sigmoid(7 * x, 0.1 * W), p)
+    q = arc_sigmoid(torch.randn(50, 6), torch.randn(9, 6), s=4.0)
+    assert (q >= torch.sigmoid(torch.tensor(-4.0)) - 1e-6).all() and (q <= torch.sigmoid(torch.tensor(4.0)) + 1e-6).all()
+
+
+def test_losses_asl_hand():
+    # p = [0.8, 0.3, 0.04], y = [1, 0, 0], g+ = 0, g- = 4, m = 0.05
+    # positive:       -ln 0.8                          = 0.2231436
+    # negative p=0.3: p_m = 0.25, 0.25^4 = 0.00390625; -0.00390625 * ln(0.75) = 0.0011238
+    # negative p=.04: p_m = max(-0.01, 0) = 0 -> 0    (the printed Eq. 16 would give -1e-8 ln 1.01 < 0)
+    # total 0.2242674
+    p = torch.tensor([[0.8, 0.3, 0.04]])
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    expect = -math.log(0.8) - 0.25 ** 4 * math.log(0.75)
+    out = asymmetric_loss(p, y)
+    assert out.shape == (1,)
+    assert abs(out.item() - expect) < 1e-6
+    # g+ = 1: the positive term becomes -(1 - 0.8) ln 0.8 = 0.0446287
+    assert abs(asymmetric_loss(p, y, gamma_pos=1.0).item() - (-0.2 * math.log(0.8) - 0.25 ** 4 * math.log(0.75))) < 1e-6
+    # with y = -1 on the positive, only the 0.0011238 remains
+    assert abs(asymmetric_loss(p, torch.tensor([[-1.0, 0.0, 0.0]])).item() + 0.25 ** 4 * math.log(0.75)) < 1e-7
+    # a negative below the margin never yields a negative loss (the clip of Eq. 16)
+    assert asymmetric_loss(torch.tensor([[0.01]]), torch.tensor([[0.0]]), gamma_neg=1.0).item() == 0.0
+    # a non-integer g- (printed Eq. 16: (0.01 - 0.05)^2.5 = NaN): here p = 0.01 gives 0 and
+    # p = 0.5 gives -(0.45^2.5) ln(0.55) = 0.0813
+    p = torch.tensor([[0.01, 0.5]], requires_grad=True)
+    out = asymmetric_loss(p, torch.zeros(1, 2), gamma_neg=2.5)
+    out.sum().backward()
+    assert abs(out.item() + 0.45 ** 2.5 * math.log(0.55)) < 1e-6 and torch.isfinite(p.grad).all()
+
+
+def test_losses_asl_reduces_to_bce():
+    # g+ = g- = 0 and m = 0: Eqs. (14)-(16) are Eq. (12)
+    torch.manual_seed(0)
+    z = torch.randn(5, 7)
+    y = torch.randint(-1, 2, (5, 7)).float()
+    a = asymmetric_loss(None, y, 0.0, 0.0, 0.0, logits=z)
+    assert torch.allclose(a, bce_loss(None, y, logits=z), atol=1e-6)
+    assert torch.allclose(a, bce_loss(torch.sigmoid(z), y), atol=1e-5)
+    ref = F.binary_cross_entropy_with_logits(z, y.clamp(min=0), weight=(y != -1).float(), reduction="none").sum(1)
+    assert torch.allclose(a, ref, atol=1e-5)
+
+
+def test_losses_asl_logits_equal_probability_path():
+    torch.manual_seed(1)
+    z = torch.randn(4, 6, dtype=torch.float64) * 3
+    y = torch.randint(0, 2, (4, 6)).double()
+    a = asymmetric_loss(None, y, 1.0, 4.0, 0.05, logits=z)
+    b = asymmetric_loss(torch.sigmoid(z), y, 1.0, 4.0, 0.05)
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_losses_otl_hand():
+    # count logits [0, 0, ln 2] over z in {0, 1, 2}: softmax = [1, 1, 2] / 4
+    # y = [1, 1] -> z = 2 -> -ln(2/4) = ln 2;  y = [1, -1] -> z = 1 -> -ln(1/4) = ln 4;
+    # y = [0, 0] (no positive) -> z = 0 -> ln 4
+    c = torch.tensor([[0.0, 0.0, math.log(2)]]).repeat(3, 1)
+    y = torch.tensor([[1.0, 1.0], [1.0, -1.0], [0.0, 0.0]])
+    out = object_token_loss(c, y)
+    assert torch.allclose(out, torch.tensor([math.log(2), math.log(4), math.log(4)]))
+    with pytest.raises(ValueError, match="n \\+ 1"):
+        object_token_loss(torch.zeros(3, 2), y)
+
+
+def test_losses_mitr_loss_hand_and_composition():
+    # sample 1: logits [ln 4, -ln 4] -> p = [0.8, 0.2], y = [1, 0]
+    #   ASL = -ln 0.8 - 0.15^4 ln 0.85 = 0.2231436 + 0.0000821 = 0.2232257
+    #   count logits [0, 0, 0] -> OTL = ln 3 = 1.0986123 (z = 1)
+    # sample 2: same logits, y = [-1, -1] -> ASL = 0, z = 0 -> OTL = ln 3
+    # loss = mean(0.2232257 + ln 3, ln 3) = 0.1116128 + 1.0986123 = 1.2102251
+    z = torch.tensor([[math.log(4), -math.log(4)]] * 2)
+    c = torch.zeros(2, 3)
+    y = torch.tensor([[1.0, 0.0], [-1.0, -1.0]])
+    asl1 = -math.log(0.8) - 0.15 ** 4 * math.log(0.85)
+    loss, parts = mitr_loss(z, c, y)
+    assert loss.dim() == 0
+    assert abs(loss.item() - (asl1 / 2 + math.log(3))) < 1e-6
+    assert abs(parts["asl"] - asl1 / 2) < 1e-6 and abs(parts["otl"] - math.log(3)) < 1e-6
+    assert isinstance(parts["asl"], float) and isinstance(parts["otl"], float)
+    # without the object-aware token
+    loss0, parts0 = mitr_loss(z, None, y)
+    assert abs(loss0.item() - asl1 / 2) < 1e-6 and parts0["otl"] == 0.0
+    # composition of the per-equation functions, Eq. (18)
+    torch.manual_seed(2)
+    z, c, y = torch.randn(6, 5), torch.randn(6, 6), torch.randint(-1, 2, (6, 5)).float()
+    expect = (asymmetric_loss(torch.sigmoid(z), y) + object_token_loss(c, y)).mean()
+    assert torch.allclose(mitr_loss(z, c, y)[0], expect, atol=1e-5)
+
+
+def test_losses_mitr_loss_casts_half_to_float32():
+    z = torch.randn(3, 4).half()
+    c = torch.randn(3, 5).bfloat16()
+    y = torch.randint(0, 2, (3, 4)).float()
+    loss, _ = mitr_loss(z, c, y)
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, mitr_loss(z.float(), c.float(), y)[0])
+
+
+# ---------------------------------------------------------------- losses: numerics and gradients
+
+def test_losses_extremes_finite():
+    # logits +-100 with every label combination, a sample without positives, p exactly 0 and 1
+    z = torch.tensor([[100.0, -100.0, 100.0, -100.0], [100.0, -100.0, 0.0, 3.0]], requires_grad=True)
+    c = torch.tensor([[100.0, -100.0, 0.0, 0.0, 0.0], [-100.0, 100.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    loss, parts = mitr_loss(z, c, y)
+    loss.backward()
+    assert torch.isfinite(loss) and math.isfinite(parts["asl"]) and math.isfinite(parts["otl"])
+    assert torch.isfinite(z.grad).all() and torch.isfinite(c.grad).all()
+    # the log-sigmoid form is exact: a positive at logit -100 costs exactly 100 (g+ = 0)
+    one = mitr_loss(torch.tensor([[-100.0]]), None, torch.tensor([[1.0]]))[0]
+    assert abs(one.item() - 100.0) < 1e-4
+    # probability path at p in {0, 1}: finite values and gradients, for every loss
+    p = torch.tensor([[0.0, 1.0, 0.0, 1.0]], requires_grad=True)
+    yp = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    for fn in (bce_loss, asymmetric_loss, lambda p, y: asymmetric_loss(p, y, 2.0, 4.0, 0.0)):
+        p.grad = None
+        out = fn(p, yp).sum()
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(p.grad).all()
+    # zero feature vector in the arc sigmoid
+    x = torch.zeros(1, 3, requires_grad=True)
+    W = torch.randn(2, 3, requires_grad=True)
+    arc_sigmoid(x, W).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(W.grad).all()
+
+
+def test_losses_gradcheck_all():
+    torch.manual_seed(3)
+    d64 = dict(dtype=torch.float64)
+    x = torch.randn(3, 4, **d64, requires_grad=True)
+    W = torch.randn(5, 4, **d64, requires_grad=True)
+    b = torch.randn(5, **d64, requires_grad=True)
+    y = torch.tensor([[1, 0, -1, 0, 1], [0, 0, 0, 0, 0], [1, 1, 0, -1, 0]], **d64)
+    assert torch.autograd.gradcheck(linear_sigmoid, (x, W, b))
+    assert torch.autograd.gradcheck(lambda x, W: arc_sigmoid(x, W, 8.0), (x, W))
+    # p kept away from 0, 1 and from the kink at p = m
+    p = (0.1 + 0.8 * torch.rand(3, 5, **d64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: bce_loss(p, y), (p,))
+    assert torch.autograd.gradcheck(lambda p: asymmetric_loss(p, y, 1.0, 4.0, 0.05), (p,))
+    z = torch.randn(3, 5, **d64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: asymmetric_loss(None, y, 0.0, 4.0, 0.05, logits=z), (z,))
+    c = torch.randn(3, 6, **d64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: object_token_loss(c, y), (c,))
+    assert torch.autograd.gradcheck(lambda z, c: mitr_loss(z, c, y)[0], (z, c))
+
+
+def test_losses_detach_focus_same_value_other_gradient():
+    torch.manual_seed(4)
+    z = torch.randn(4, 6, requires_grad=True)
+    y = torch.randint(0, 2, (4, 6)).float()
+    a = mitr_loss(z, None, y)[0]
+    g_a, = torch.autograd.grad(a, z)
+    b = mitr_loss(z, None, y, detach_focus=True)[0]
+    g_b, = torch.autograd.grad(b, z)
+    assert torch.allclose(a, b) and not torch.allclose(g_a, g_b)
+
+
+def test_losses_bad_targets():
+    with pytest.raises(ValueError, match="targets"):
+        asymmetric_loss(torch.rand(2, 3), torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match="shape"):
+        mitr_loss(torch.rand(2, 3), None, torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------- metrics: AP
+
+def _lm_brute_ap(scores, targets):
+    """Reference AP: walk the distinct thresholds (tie groups) one at a time, sklearn-style."""
+    out = []
+    for k in range(scores.shape[1]):
+        keep = targets[:, k] != -1
+        s, t = scores[keep, k], targets[keep, k]
+        n_pos = (t == 1).sum()
+        if n_pos == 0:
+            out.append(np.nan)
+            continue
+        ap, prev = 0.0, 0
+        for th in np.unique(s)[::-1]:
+            sel = s >= th
+            tp, fp = (t[sel] == 1).sum(), (t[sel] == 0).sum()
+            ap += (tp - prev) / n_pos * tp / (tp + fp)
+            prev = tp
+        out.append(100 * ap)
+    return np.array(out)
+
+
+def test_metrics_ap_hand():
+    # ranked 0.9 (pos), 0.8 (neg), 0.7 (pos), 0.6 (neg): precision at positives 1/1, 2/3
+    # AP = (1 + 2/3) / 2 = 5/6 = 83.333 %
+    s = np.array([0.9, 0.8, 0.7, 0.6])[:, None]
+    t = np.array([1, 0, 1, 0])[:, None]
+    assert np.allclose(average_precision(s, t), [500 / 6])
+    # torch tensors are accepted
+    assert np.allclose(average_precision(torch.tensor(s), torch.tensor(t)), [500 / 6])
+
+
+def test_metrics_ap_perfect_and_reversed():
+    # perfect: 100. reversed with N = 4, P = 2: positives at ranks 3, 4 -> (1/3 + 2/4) / 2 = 5/12
+    s = np.array([4.0, 3.0, 2.0, 1.0])[:, None]
+    assert np.allclose(average_precision(s, np.array([[1], [1], [0], [0]])), [100.0])
+    assert np.allclose(average_precision(s, np.array([[0], [0], [1], [1]])), [100 * 5 / 12])
+    # reversed in general: the j-th positive sits at rank N - P + j -> mean_j j / (N - P + j)
+    N, P = 50, 7
+    t = np.zeros((N, 1)); t[-P:] = 1
+    expect = 100 * np.mean([j / (N - P + j) for j in range(1, P + 1)])
+    assert np.allclose(average_precision(-np.arange(N, dtype=float)[:, None], t), [expect])
+
+
+def test_metrics_ap_ties_grouped_and_order_free():
+    # scores 0.5, 0.5, 0.5, 0.1 with targets 1, 0, 1, 0: the tie group holds 2 TP, 1 FP, so both
+    # positives get precision 2/3 -> AP 66.667 (a stable sort would give 83.3 or 58.3 by input order)
+    s = np.array([0.5, 0.5, 0.5, 0.1])[:, None]
+    t = np.array([1, 0, 1, 0])[:, None]
+    assert np.allclose(average_precision(s, t), [200 / 3])
+    assert np.allclose(average_precision(s, t[[1, 0, 2, 3]]), [200 / 3])
+    # random heavily tied matrices: independent of row order, equal to the brute-force reference
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 4, (40, 6)).astype(float)
+    t = rng.integers(-1, 2, (40, 6))
+    t[:, 5] = np.where(t[:, 5] == 1, 0, t[:, 5])  # a class without positives
+    ap = average_precision(s, t)
+    assert np.allclose(ap, _lm_brute_ap(s, t), equal_nan=True)
+    assert np.isnan(ap[5]) and not np.isnan(ap[:5]).any()
+    perm = rng.permutation(40)
+    assert np.allclose(average_precision(s[perm], t[perm]), ap, rtol=1e-12, equal_nan=True)  # up to summation order
+
+
+def test_metrics_ap_monotone_invariance():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(200, 5))
+    t = (rng.random((200, 5)) < 0.3).astype(int)
+    ap = average_precision(s, t)
+    p = 1 / (1 + np.exp(-s))  # sigmoid
+    assert np.allclose(average_precision(p, t), ap)
+    assert np.allclose(average_precision(np.exp(3 * s) + 7, t), ap)
+    assert np.allclose(average_precision(s.astype(np.float32), t), ap)
+    assert not np.allclose(average_precision(-s, t), ap)
+
+
+def test_metrics_ap_ignore_equals_removal():
+    # a -1 entry is left out: same AP as deleting that sample from that class
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5])[:, None]
+    t = np.array([-1, 0, 1, -1, 1])[:, None]
+    keep = t[:, 0] != -1
+    # without the ignored ones: 0.8 (neg), 0.7 (pos), 0.5 (pos) -> (1/2 + 2/3) / 2 = 58.333
+    assert np.allclose(average_precision(s, t), [100 * 7 / 12])
+    assert np.allclose(average_precision(s[keep], t[keep]), [100 * 7 / 12])
+
+
+def test_metrics_voc_modes_hand():
+    # ranks: pos, neg, pos, neg -> (P, R) = (1, .5), (.5, .5), (2/3, 1), (.5, 1)
+    # 11-point: t = 0 .. .5 (6 points, recall exactly .5 counts) -> max P = 1; t = .6 .. 1 (5) -> 2/3
+    #   AP = (6 + 5 * 2/3) / 11 = 84.848 %;  all-point: .5 * 1 + .5 * 2/3 = 83.333 %
+    s = np.array([0.9, 0.8, 0.7, 0.6])[:, None]
+    t = np.array([1, 0, 1, 0])[:, None]
+    assert np.allclose(average_precision(s, t, "voc11"), [100 * (6 + 5 * 2 / 3) / 11])
+    assert np.allclose(average_precision(s, t, "vocall"), [500 / 6])
+    # ranks: neg, pos, pos, neg: nonint (1/2 + 2/3) / 2 = 58.333; the envelope is 2/3 everywhere,
+    # so vocall = voc11 = 66.667
+    t2 = np.array([0, 1, 1, 0])[:, None]
+    assert np.allclose(average_precision(s, t2), [100 * 7 / 12])
+    assert np.allclose(average_precision(s, t2, "vocall"), [200 / 3])
+    assert np.allclose(average_precision(s, t2, "voc11"), [200 / 3])
+    # perfect ranking is 100 in every mode, no positive is NaN in every mode
+    for mode in ("nonint", "voc11", "vocall"):
+        assert np.allclose(average_precision(s, np.array([[1], [1], [0], [0]]), mode), [100.0])
+        assert np.isnan(average_precision(s, np.zeros((4, 1)), mode)).all()
+    with pytest.raises(ValueError, match="mode"):
+        average_precision(s, t, "coco")
+
+
+def test_metrics_input_errors():
+    s, t = np.random.rand(4, 3), np.ones((4, 3))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        average_precision(np.where(np.eye(4, 3) > 0, np.nan, s), t)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        multilabel_report(np.where(np.eye(4, 3) > 0, np.inf, s), t)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        average_precision(s, np.ones((4, 2)))
+    with pytest.raises(ValueError, match="targets must be"):
+        average_precision(s, 2 * t)
+    with pytest.raises(ValueError, match="sizes"):
+        size_average_precision(s, t, np.full((4, 3), 4))
+    with pytest.raises(ValueError, match="sizes must be 0 where"):
+        size_average_precision(s, np.zeros((4, 3)), np.ones((4, 3)))
+
+
+# ---------------------------------------------------------------- metrics: report
+
+def test_metrics_report_hand():
+    # 4 images x 3 classes, threshold 0.5 (predicted = score >= 0.5)
+    s = np.array([[0.9, 0.6, 0.1],
+                  [0.8, 0.2, 0.7],
+                  [0.3, 0.7, 0.2],
+                  [0.6, 0.1, 0.4]])
+    t = np.array([[1, 1, 0],
+                  [1, 0, 0],
+                  [0, 0, 0],
+                  [0, 1, -1]])
+    # class 0: pred {0,1,3}, pos {0,1}: Nc 2, Np 3, Ng 2 -> P 2/3, R 1
+    # class 1: pred {0,2},   pos {0,3}: Nc 1, Np 2, Ng 2 -> P 1/2, R 1/2
+    # class 2: pred {1} (image 3 ignored), no positive -> left out of CP/CR and of mAP
+    # CP = (2/3 + 1/2) / 2 = 7/12, CR = (1 + 1/2) / 2 = 3/4, CF1 = 2 (7/12)(3/4) / (7/12 + 3/4) = 21/32
+    # pooled: Nc 3, Np 6, Ng 4 -> OP 1/2, OR 3/4, OF1 = 2 (1/2)(3/4) / (5/4) = 3/5
+    # AP: class 0 ranks pos, pos, neg, neg -> 100; class 1 ranks neg(.7), pos(.6), neg(.2), pos(.1)
+    #   -> (1/2 + 2/4) / 2 = 1/2; mAP = 75
+    r = multilabel_report(s, t)
+    expect = {"mAP": 75.0, "CP": 700 / 12, "CR": 75.0, "CF1": 2100 / 32, "OP": 50.0, "OR": 75.0, "OF1": 60.0}
+    assert set(r) == set(expect)
+    for k, v in expect.items():
+        assert abs(r[k] - v) < 1e-9, k
+    # top-1 among non-ignored classes, also >= threshold: image 0 -> c0, 1 -> c0, 2 -> c1, 3 -> c0
+    # class 0: pred {0,1,3}: P 2/3 R 1; class 1: pred {2}: P 0 R 0 -> CP 1/3, CR 1/2
+    # pooled: Nc 2, Np 4, Ng 4 -> OP 1/2, OR 1/2
+    r1 = multilabel_report(s, t, top_k=1)
+    assert abs(r1["CP"] - 100 / 3) < 1e-9 and abs(r1["CR"] - 50) < 1e-9
+    assert abs(r1["OP"] - 50) < 1e-9 and abs(r1["OR"] - 50) < 1e-9
+    # a class never predicted has precision 0 (0/0 -> 0): threshold above every score
+    r0 = multilabel_report(s, t, threshold=0.95)
+    assert r0["CP"] == 0 and r0["CR"] == 0 and r0["CF1"] == 0 and r0["OP"] == 0 and r0["OF1"] == 0
+
+
+def test_metrics_size_ap_hand():
+    # one class, 6 images ranked by score; sizes of positives: s = 1, m = 2, l = 3
+    #   score  0.9  0.8  0.7  0.6  0.5  0.4
+    #   target  1    0    1    1    0    1
+    #   size    3    0    1    2    0    1
+    # AP_s: positives of size 1 (0.7, 0.4), negatives (0.8, 0.5), others left out:
+    #   ranking 0.8 neg, 0.7 pos, 0.5 neg, 0.4 pos -> (1/2 + 2/4) / 2 = 50
+    # AP_m: 0.8 neg, 0.6 pos, 0.5 neg -> 1/2 = 50;  AP_l: 0.9 pos first -> 100
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])[:, None]
+    t = np.array([1, 0, 1, 1, 0, 1])[:, None]
+    z = np.array([3, 0, 1, 2, 0, 1])[:, None]
+    assert size_average_precision(s, t, z) == {"AP_s": 50.0, "AP_m": 50.0, "AP_l": 100.0}
+    # a second class with only large positives: AP_s and AP_m average over the first class only
+    s2 = np.hstack([s, s[::-1]])
+    t2 = np.hstack([t, np.array([[0, 0, 0, 0, 1, 1]]).T])  # its positives score 0.8, 0.9 -> 100
+    z2 = np.hstack([z, np.array([[0, 0, 0, 0, 3, 3]]).T])
+    out = size_average_precision(s2, t2, z2)
+    assert out == {"AP_s": 50.0, "AP_m": 50.0, "AP_l": 100.0}
+    r = multilabel_report(torch.tensor(s2), torch.tensor(t2), sizes=torch.tensor(z2))
+    assert {k: r[k] for k in out} == out
+
+
+def test_metrics_format_report():
+    r = {"mAP": 86.8, "CP": 84.0, "CR": 80.1, "CF1": 81.7, "OP": 84.6, "OR": 82.5, "OF1": 83.5,
+         "AP_s": 77.6, "AP_m": 90.2, "AP_l": 95.9}
+    line = format_report(r)
+    assert "\n" not in line
+    assert line == ("mAP 86.80 | CP 84.00 CR 80.10 CF1 81.70 | OP 84.60 OR 82.50 OF1 83.50 | "
+                    "AP_s 77.60 AP_m 90.20 AP_l 95.90")
+    assert format_report({"mAP": float("nan"), "loss": 0.5}) == "mAP nan | loss 0.50"
+
+
+def test_metrics_coco_sized_speed():
+    # COCO val2014 with annotations: 40,137 images x 80 classes. Timing printed, not asserted.
+    rng = np.random.default_rng(0)
+    N, K = 40137, 80
+    t = (rng.random((N, K)) < 0.036).astype(np.int8)
+    s = (rng.random((N, K)) + 0.5 * t).astype(np.float32)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ap = average_precision(s, t)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    multilabel_report(s, t, top_k=3)
+    t_report = time.perf_counter() - t0
+    print(f"\nmAP over {N}x{K}: first {times[0]:.3f} s, best {min(times):.3f} s; "
+          f"full report with top-3 {t_report:.3f} s")
+    assert ap.shape == (K,) and np.isfinite(ap).all()
+    # vectorised over classes = one class at a time; and, on a column without ties, the
+    # rank-by-rank definition (precision at each positive, averaged)
+    for k in range(3):
+        assert np.allclose(ap[k], average_precision(s[:, k], t[:, k]))
+    # (float32 columns of 40k random scores all hold a few ties; float64 ones have none)
+    s64 = rng.random(N) + 0.5 * t[:, 0]
+    assert len(np.unique(s64)) == N
+    hits = t[np.argsort(-s64), 0] == 1
+    precision_at_hits = np.cumsum(hits)[hits] / (np.flatnonzero(hits) + 1)
+    assert np.isclose(average_precision(s64, t[:, 0])[0], 100 * precision_at_hits.mean())
+
+
+def test_losses_model_arc_head_is_eq13():
+    # mitr.ArcHead (what the model computes) and losses.arc_logits (Eq. 13 as a function) agree.
+    torch.manual_seed(0)
+    head = mitr.ArcHead(16, 3, s=8.0)
+    x = torch.randn(4, 16)
+    assert torch.allclose(head(x), arc_logits(x, head.weight, 8.0), atol=1e-6)
