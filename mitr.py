@@ -546,6 +546,206 @@ def summary(model: MITr, img_size: int | None = None, counted: bool = True) -> s
     return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows)
 
 
+# -----------------------------------------------------------------------------
+# Section 4.1: initialising from ImageNet-pretrained Swin
+#
+# Paper: "We pretrain MITr on ImageNet-22K", i.e. the whole model, cross-window blocks included.
+# Here: MITr starts from the public Swin ImageNet checkpoints (s <- Swin-T, m <- Swin-S,
+# l <- Swin-B) and its cross-window blocks, object token and heads start fresh, because MITr's own
+# ImageNet weights were never released and the pixel-attention path of each variant is that Swin.
+
+# MITr's own parameters that no Swin checkpoint holds: they start fresh (see MITr._init_weights).
+_SWIN_FRESH = ("object_token", "count_head.", "head.")
+
+
+def _swin_fresh(name):
+    return ".cross_window_blocks." in name or name.startswith(_SWIN_FRESH)
+
+
+def _swin_state_dict(path_or_state_dict):
+    """A file path or a dict -> a flat {key: tensor} dict (unwraps "model"/"state_dict", "module.")."""
+    sd = path_or_state_dict
+    if not isinstance(sd, dict):
+        try:
+            sd = torch.load(sd, map_location="cpu", weights_only=True)
+        except Exception as e:   # FileNotFoundError, UnpicklingError (non-tensor objects), ...
+            raise ValueError(f"load_swin: cannot read '{sd}' as a Swin checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); expected a .pth holding a state "
+                             f"dict or {{'model': state_dict}} of tensors only") from e
+    for wrapper in ("model", "state_dict"):
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
+    if sd and all(k.startswith("module.") for k in sd):                # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError("load_swin: the checkpoint is not a state dict of tensors "
+                         "(expected keys like 'layers.0.blocks.0.attn.qkv.weight')")
+    return sd
+
+
+def _swin_layout(sd):
+    """The official release puts patch merging at the END of stage i (layers.i.downsample, so
+    layers.0 has one); timm at the START of stage i+1 (layers.{i+1}.downsample, layers.0 has none)."""
+    if any(k.startswith("layers.0.downsample.") for k in sd):
+        return "official"
+    if any(k.startswith("layers.") and ".downsample." in k for k in sd):
+        return "timm"
+    return "official"       # no patch merging at all: the two layouts name everything else alike
+
+
+def _swin_key(key, layout):
+    """Swin key -> MITr key, or None for keys we drop on purpose (buffers, the ImageNet head).
+
+    layers.i.blocks.j.attn.* -> stages.i.pixel_blocks.j.pixel_attention.*
+    layers.i.blocks.j.*      -> stages.i.pixel_blocks.j.*
+    layers.i.downsample.*    -> stages.i.space_to_depth.*     (official; timm: i-1)
+
+    The 4C order of patch merging is the same in both layouts, so its weights move unchanged:
+    the official PatchMerging concatenates x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2],
+    x[1::2, 1::2]; timm's (timm/models/swin_transformer.py, PatchMerging.forward, timm 1.0.31)
+    reshapes to (B, H/2, 2, W/2, 2, C) and permutes to (0, 1, 3, 4, 2, 5), i.e. (dh, dw) = (0,0),
+    (1,0), (0,1), (1,1), the same order, and its checkpoint_filter_fn only renames the keys.
+    MITr's SpaceToDepth uses that order too."""
+    parts = key.split(".")
+    if parts[-1] in ("relative_position_index", "attn_mask") or parts[0] == "head":
+        return None                      # buffers rebuilt by the model; head: 1000 / 21841 classes
+    if parts[0] != "layers" or len(parts) < 5 or not parts[1].isdigit():
+        return key                       # patch_embed.*, norm.* keep their names; others won't match
+    i = int(parts[1])
+    if parts[2] == "downsample":
+        return ".".join(["stages", str(i - (layout == "timm")), "space_to_depth", *parts[3:]])
+    if parts[2] == "blocks":
+        rest = ["pixel_attention" if parts[4] == "attn" else parts[4], *parts[5:]]
+        return ".".join(["stages", str(i), "pixel_blocks", parts[3], *rest])
+    return key
+
+
+def _resize_bias_table(table, side):
+    """((2w'-1)^2, heads) -> (side^2, heads), bicubic per head, as Swin's fine-tuning code
+    (utils.load_pretrained) does when the window changes (7 -> 12: 13x13 -> 23x23)."""
+    L, heads = table.shape
+    s = math.isqrt(L)
+    t = table.float().t().reshape(1, heads, s, s)                  # (L, heads) -> (1, heads, s, s)
+    t = F.interpolate(t, size=(side, side), mode="bicubic", align_corners=False)  # (1, heads, side, side)
+    return t.reshape(heads, side * side).t().to(table.dtype)       # (side^2, heads)
+
+
+def _first(names, k=3):
+    names = list(names)
+    more = f" (+{len(names) - k} more)" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
+def load_swin(model: MITr, path_or_state_dict, strict: bool = True) -> dict:
+    """Load an ImageNet-pretrained Swin into MITr's pixel-attention path; return a report.
+
+    Accepts the official release (.pth with "model") and timm's state dict; the layout is detected
+    from where patch merging sits. MITr-s takes Swin-T, m Swin-S, l Swin-B. Bias tables of another
+    window size are resized. Cross-window blocks, object token and heads stay freshly initialised.
+
+    Report: lists of names -
+      loaded      MITr tensors that got checkpoint weights (resized ones included)
+      resized     of those, relative-position bias tables resized to this model's window
+      new         MITr tensors left as initialised (cross-window blocks, object token, heads)
+      unexpected  checkpoint keys with no place in this MITr
+      mismatched  checkpoint keys whose MITr tensor has another shape (not a resizable table)
+      skipped     checkpoint keys dropped on purpose (index/mask buffers, the ImageNet head)
+    plus "layout" ("official" or "timm") and "notes" (lines for humans).
+    strict=True raises ValueError, before touching the model, on any unexpected or mismatched key
+    and on any pixel-path tensor the checkpoint lacks (a wrong Swin for this variant)."""
+    sd = _swin_state_dict(path_or_state_dict)
+    layout = _swin_layout(sd)
+    target = model.state_dict()                  # persistent tensors only (no index / mask buffers)
+    pos_embed = model.config.pos_embed
+    report = {"layout": layout, "loaded": [], "resized": [], "new": [], "unexpected": [],
+              "mismatched": [], "skipped": [], "notes": []}
+    new_sd, resizes, wrong_shape = {}, set(), set()
+    for key, value in sd.items():
+        name = _swin_key(key, layout)
+        if name is None or (not pos_embed and key.endswith("relative_position_bias_table")):
+            report["skipped"].append(key)        # (pos_embed off: Table 5's ablation has no bias table)
+            continue
+        if name not in target:
+            report["unexpected"].append(key)
+            continue
+        want = target[name].shape
+        if value.shape != want and name.endswith("relative_position_bias_table") and value.dim() == 2 \
+                and value.shape[1] == want[1] and math.isqrt(value.shape[0]) ** 2 == value.shape[0]:
+            side = math.isqrt(want[0])
+            resizes.add((math.isqrt(value.shape[0]), side))
+            value = _resize_bias_table(value, side)
+            report["resized"].append(name)
+        if value.shape != want:
+            report["mismatched"].append(f"{key} {tuple(value.shape)} vs {name} {tuple(want)}")
+            wrong_shape.add(name)
+            continue
+        new_sd[name] = value
+    report["loaded"] = [n for n in target if n in new_sd]
+    report["new"] = [n for n in target if n not in new_sd]
+    missing = [n for n in report["new"] if not _swin_fresh(n) and n not in wrong_shape]
+    if layout == "timm":
+        report["notes"].append("timm layout: layers.{i+1}.downsample -> stages.i.space_to_depth "
+                               "(same 4C order, no permutation)")
+    for s1, s2 in sorted(resizes):
+        w1, w2 = (s1 + 1) // 2, (s2 + 1) // 2
+        report["notes"].append(f"bias tables resized bicubically {s1}x{s1} -> {s2}x{s2} "
+                               f"(window {w1} -> {w2})")
+    if missing:
+        report["notes"].append(f"checkpoint lacks {len(missing)} pixel-path tensors: {_first(missing)}")
+
+    problems = []
+    if report["unexpected"]:
+        problems.append(f"{len(report['unexpected'])} checkpoint key(s) have no place in this MITr: "
+                        f"{_first(report['unexpected'])}")
+    if report["mismatched"]:
+        problems.append(f"{len(report['mismatched'])} shape mismatch(es): {_first(report['mismatched'], 2)}")
+    if missing:
+        problems.append(f"the checkpoint lacks {len(missing)} pixel-path tensor(s): {_first(missing)}")
+    if strict and problems:
+        cfg = model.config
+        raise ValueError(f"load_swin: {'; '.join(problems)}. This MITr has C={cfg.embed_dim}, units "
+                         f"{tuple(cfg.depths)}, heads {tuple(cfg.num_heads)}: MITr-s takes Swin-T, m "
+                         f"Swin-S, l Swin-B. To load the rest anyway pass strict=False "
+                         f"(train.py --init-nonstrict).")
+    model.load_state_dict(new_sd, strict=False)
+    return report
+
+
+def _swin_units(names):
+    """Tensor names -> the modules they belong to, in order: stages.0.pixel_blocks.1.norm1.weight ->
+    stages.0.pixel_blocks.1; checkpoint buffers -> their kind (attn_mask, relative_position_index)."""
+    out = {}
+    for n in names:
+        p = n.split(".")
+        if p[-1] in ("relative_position_index", "attn_mask"):
+            u = p[-1]
+        elif p[0] in ("stages", "layers") and len(p) > 4 and p[2].endswith("blocks"):
+            u = ".".join(p[:4])
+        elif p[0] in ("stages", "layers") and len(p) > 3:
+            u = ".".join(p[:3])
+        else:
+            u = p[0]
+        out[u] = out.get(u, 0) + 1
+    return [u if c == 1 or u.startswith(("stages", "layers")) else f"{u} x{c}" for u, c in out.items()]
+
+
+def format_swin_report(report: dict) -> str:
+    """The report of load_swin on a few lines: counts, then the first modules of each group."""
+    r = report
+    lines = [f"Swin init ({r['layout']} layout): {len(r['loaded'])} tensors loaded "
+             f"({len(r['resized'])} resized), {len(r['new'])} new, {len(r['skipped'])} skipped, "
+             f"{len(r['unexpected'])} unexpected, {len(r['mismatched'])} mismatched"]
+    for group in ("loaded", "resized", "new", "skipped"):
+        if r[group]:
+            lines.append(f"  {group + ':':11s} {_first(_swin_units(r[group]), 4)}")
+    for group in ("unexpected", "mismatched"):                     # these the user must read in full
+        if r[group]:
+            lines.append(f"  {group + ':':11s} {_first(r[group], 3)}")
+    lines += [f"  note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description="Print MITr's per-stage table: shapes, parameters, FLOPs.")
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="s")

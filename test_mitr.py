@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import mitr
-from mitr import MITr, VARIANTS
+from mitr import MITr, MITrConfig, VARIANTS, format_swin_report, load_swin
 import time
 import numpy as np
 from losses import (arc_logits, arc_sigmoid, asymmetric_loss, bce_loss, linear_sigmoid,
                     mitr_loss, object_token_loss)
 from metrics import (average_precision, format_report, multilabel_report,
                      size_average_precision)
+import copy
 
 
 # =============================================================================
@@ -706,3 +707,324 @@ def test_losses_model_arc_head_is_eq13():
     head = mitr.ArcHead(16, 3, s=8.0)
     x = torch.randn(4, 16)
     assert torch.allclose(head(x), arc_logits(x, head.weight, 8.0), atol=1e-6)
+
+
+# =============================================================================
+# load_swin: ImageNet-pretrained Swin into MITr (Section 4.1, issue 8)
+
+_SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24))
+_SWIN_S = dict(embed_dim=96, depths=(2, 2, 18, 2), heads=(3, 6, 12, 24))
+_SWIN_B = dict(embed_dim=128, depths=(2, 2, 18, 2), heads=(4, 8, 16, 32))
+_SWIN_TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8))   # matches MITr "tiny"
+
+
+def _swin_rel_index(ws):
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)   # (N, N, 2)
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]                                # (N, N)
+
+
+def _swin_mask(res, ws, shift):
+    """Official SW-MSA mask: 9 regions of the rolled map, -100 between different regions."""
+    img = torch.zeros(1, res, res, 1)
+    cnt = 0
+    for h in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for w in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[:, h, w, :] = cnt
+            cnt += 1
+    win = img.view(1, res // ws, ws, res // ws, ws, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws)
+    m = win[:, None, :] - win[:, :, None]
+    return m.masked_fill(m != 0, -100.0)                                           # (nW, N, N)
+
+
+def _swin_fake(embed_dim, depths, heads, ws=7, img=224, classes=1000, device="cpu", seed=0):
+    """An official-layout Swin state dict with random (non-trivial) values, buffers included."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=0.05, mean=0.0, real=False):
+        if device == "meta" and not real:
+            return torch.empty(shape, device="meta")
+        return mean + scale * torch.randn(shape, generator=g)
+
+    C, sd = embed_dim, {}
+    sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"] = t(C, 3, 4, 4, scale=0.2), t(C)
+    sd["patch_embed.norm.weight"], sd["patch_embed.norm.bias"] = t(C, mean=1.0), t(C)
+    res = img // 4
+    for i, (d, h) in enumerate(zip(depths, heads)):
+        dim, w = C * 2 ** i, min(ws, res)
+        for j in range(d):
+            p = f"layers.{i}.blocks.{j}."
+            sd[p + "norm1.weight"], sd[p + "norm1.bias"] = t(dim, mean=1.0), t(dim)
+            # (real even on "meta": bicubic resizing of meta tensors is slow; these are small)
+            sd[p + "attn.relative_position_bias_table"] = t((2 * w - 1) ** 2, h, scale=0.5, real=True)
+            sd[p + "attn.relative_position_index"] = _swin_rel_index(w).to(device)
+            sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"] = t(3 * dim, dim), t(3 * dim)
+            sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = t(dim, dim), t(dim)
+            sd[p + "norm2.weight"], sd[p + "norm2.bias"] = t(dim, mean=1.0), t(dim)
+            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = t(4 * dim, dim), t(4 * dim)
+            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = t(dim, 4 * dim), t(dim)
+            if j % 2 and res > w:
+                sd[p + "attn_mask"] = _swin_mask(res, w, w // 2).to(device)
+        if i < 3:
+            sd[f"layers.{i}.downsample.norm.weight"] = t(4 * dim, mean=1.0)
+            sd[f"layers.{i}.downsample.norm.bias"] = t(4 * dim)
+            sd[f"layers.{i}.downsample.reduction.weight"] = t(2 * dim, 4 * dim)
+            res //= 2
+    sd["norm.weight"], sd["norm.bias"] = t(8 * C, mean=1.0), t(8 * C)
+    sd["head.weight"], sd["head.bias"] = t(classes, 8 * C), t(classes)
+    return sd
+
+
+def _swin_to_timm(sd):
+    """Official -> timm layout: patch merging moves to the start of the next stage; head -> head.fc.
+    (timm's 4C order is the official one: tensors move unchanged.)"""
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[0] == "layers" and p[2] == "downsample":
+            p[1] = str(int(p[1]) + 1)
+        if p[0] == "head":
+            p.insert(1, "fc")
+        out[".".join(p)] = v
+    return out
+
+
+def _swin_from_mitr(model):
+    """The inverse of load_swin's mapping: a MITr state dict -> an official Swin checkpoint."""
+    out = {}
+    for k, v in model.state_dict().items():
+        p = k.split(".")
+        if p[0] == "stages" and p[2] == "pixel_blocks":
+            p = ["layers", p[1], "blocks", p[3], *["attn" if q == "pixel_attention" else q for q in p[4:]]]
+        elif p[0] == "stages" and p[2] == "space_to_depth":
+            p = ["layers", p[1], "downsample", *p[3:]]
+        elif p[0] in ("head", "object_token", "count_head") or "cross_window_blocks" in p:
+            continue
+        out[".".join(p)] = v
+    return out
+
+
+def _swin_reference_features(sd, ws, x):
+    """Official Swin V1 forward_features (norm, average pool) on an official-layout state dict:
+    explicit softmax attention, -100 shift mask, patch merging by x0..x3 slicing."""
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    B, C, H, W = x.shape
+    x = F.layer_norm(x.flatten(2).transpose(1, 2), (C,),                   # (B, C, H, W) -> (B, HW, C)
+                     sd["patch_embed.norm.weight"], sd["patch_embed.norm.bias"])
+    for i in range(4):
+        w = min(ws, H)
+        N, nW = w * w, (H // w) * (W // w)
+        j = 0
+        while f"layers.{i}.blocks.{j}.norm1.weight" in sd:
+            p = f"layers.{i}.blocks.{j}."
+            table = sd[p + "attn.relative_position_bias_table"]
+            h, shift = table.shape[1], (w // 2 if j % 2 and H > w else 0)
+            y = F.layer_norm(x, (C,), sd[p + "norm1.weight"], sd[p + "norm1.bias"]).view(B, H, W, C)
+            if shift:
+                y = torch.roll(y, (-shift, -shift), (1, 2))
+            y = y.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, N, C)
+            qkv = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+            q, k, v = qkv.view(-1, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+            attn = (q * (C // h) ** -0.5) @ k.transpose(-2, -1)
+            attn = attn + table[_swin_rel_index(w).view(-1)].view(N, N, h).permute(2, 0, 1)
+            if shift:
+                attn = (attn.view(B, nW, h, N, N) + _swin_mask(H, w, shift)[None, :, None]).view(-1, h, N, N)
+            y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, N, C)
+            y = F.linear(y, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+            y = y.view(B, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+            if shift:
+                y = torch.roll(y, (shift, shift), (1, 2))
+            x = x + y.reshape(B, H * W, C)
+            z = F.layer_norm(x, (C,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+            z = F.linear(F.gelu(F.linear(z, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+                         sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+            x = x + z
+            j += 1
+        if f"layers.{i}.downsample.reduction.weight" in sd:
+            y = x.view(B, H, W, C)
+            y = torch.cat([y[:, 0::2, 0::2], y[:, 1::2, 0::2], y[:, 0::2, 1::2], y[:, 1::2, 1::2]], -1)
+            y = F.layer_norm(y.reshape(B, -1, 4 * C), (4 * C,), sd[f"layers.{i}.downsample.norm.weight"],
+                             sd[f"layers.{i}.downsample.norm.bias"])
+            x = F.linear(y, sd[f"layers.{i}.downsample.reduction.weight"])
+            H, W, C = H // 2, W // 2, 2 * C
+    return F.layer_norm(x, (C,), sd["norm.weight"], sd["norm.bias"]).mean(1)
+
+
+def _swin_plain(variant):
+    """MITr with only the pixel-attention path: exactly a Swin."""
+    return dataclasses.replace(VARIANTS[variant], cross_window=False, object_token=False, arc_sigmoid=False)
+
+
+def test_swin_tiny_matches_reference_swin_both_layouts():
+    torch.manual_seed(0)
+    sd = _swin_fake(**_SWIN_TINY, ws=3, img=96)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = _swin_reference_features(sd, 3, x)
+        models = []
+        for ckpt in ({"model": sd}, _swin_to_timm(sd)):
+            m = MITr(_swin_plain("tiny"), 5).eval()
+            load_swin(m, ckpt)
+            models.append(m)
+            got = m.forward_features(x)
+            # MITr masks with -inf where Swin adds -100: exp(-100) ~ 4e-44, below float32 resolution.
+            assert (got - want).abs().max() < 1e-5
+    a, b = (m.state_dict() for m in models)
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("head."))
+
+
+def test_swin_s_official_roundtrip_exact():
+    """A Swin-T checkpoint made from a random MITr-s by renaming keys, loaded into a fresh MITr-s:
+    the same weights, and the features of the official Swin-T forward."""
+    torch.manual_seed(0)
+    src = MITr(_swin_plain("s"), 80).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            if p.dim() == 1:                            # LN weights are 1 and biases 0 at init
+                p.add_(0.05 * torch.randn_like(p))
+    sd = _swin_from_mitr(src)
+    ref = _swin_fake(**_SWIN_T, device="meta")         # the official Swin-T key set, no values
+    params = {k for k in ref if not k.endswith(("relative_position_index", "attn_mask")) and k[:5] != "head."}
+    assert params == set(sd)
+    for k in ref:                                       # add buffers and a 1000-class head, as released
+        if k not in sd:
+            sd[k] = torch.zeros(ref[k].shape, dtype=ref[k].dtype)
+    dst = copy.deepcopy(src)                            # a fresh MITr-s, faster than building one:
+    with torch.no_grad():                               # every parameter redrawn
+        for p in dst.parameters():
+            p.normal_(0.0, 0.02)
+    report = load_swin(dst, {"model": sd})
+    assert report["layout"] == "official" and report["new"] == ["head.weight", "head.bias"]
+    assert len(report["loaded"]) == 171 and not report["resized"] and not report["unexpected"]
+    assert len(report["skipped"]) == 12 + 5 + 2        # 12 index buffers, 5 masks (1+1+3), head w/b
+    s, d = src.state_dict(), dst.state_dict()
+    assert all(torch.equal(s[k], d[k]) for k in report["loaded"])
+    # Same weights, so compare with an independent Swin-T forward on the checkpoint instead of src.
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (dst.forward_features(x) - _swin_reference_features(sd, 7, x)).abs().max() < 1e-4
+
+
+def test_swin_patch_merging_timm_layout_hand_built():
+    """timm's layers.1.downsample is MITr's stages.0.space_to_depth, tensors unchanged, and it
+    merges x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2] in that order."""
+    sd = _swin_to_timm(_swin_fake(**_SWIN_TINY, ws=3, img=96))
+    m = MITr(VARIANTS["tiny"], 5)
+    load_swin(m, sd)
+    s2d = m.stages[0].space_to_depth
+    assert torch.equal(s2d.reduction.weight, sd["layers.1.downsample.reduction.weight"])
+    assert torch.equal(s2d.norm.weight, sd["layers.1.downsample.norm.weight"])
+    # Hand-built input: channel c of pixel (r, q) is 1000 r + q + c / 100, so every slot is distinct.
+    r, q, c = torch.meshgrid(torch.arange(4.), torch.arange(4.), torch.arange(32.), indexing="ij")
+    x = (1000 * r + q + c / 100)[None]                                   # (1, 4, 4, 32)
+    cat = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    assert cat[0, 0, 0, 32] == 1000 and cat[0, 0, 0, 64] == 1   # slot 1 is (dh, dw) = (1, 0), slot 2 (0, 1)
+    p = "layers.1.downsample."
+    want = F.linear(F.layer_norm(cat.reshape(1, 4, 128), (128,), sd[p + "norm.weight"], sd[p + "norm.bias"]),
+                    sd[p + "reduction.weight"])
+    with torch.no_grad():
+        got = s2d(x.reshape(1, 16, 32), 4, 4)
+    assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:.*meta parameter")   # copying real bias tables into meta: a no-op
+@pytest.mark.parametrize("variant,swin,ws,img,resized", [
+    ("s", _SWIN_T, 7, 224, 0),          # MITr-s (1k / 22k) <- Swin-T
+    ("m", _SWIN_S, 7, 224, 24),         # MITr-m <- Swin-S 22k: only at window 7, so 13^2 -> 23^2
+    ("l", _SWIN_B, 12, 384, 0),         # MITr-l <- Swin-B 22k at 384, window 12
+    ("l", _SWIN_B, 7, 224, 24),
+])
+def test_swin_every_variant_both_layouts(variant, swin, ws, img, resized):
+    with torch.device("meta"):                          # shapes only: no memory, no time
+        model = MITr(VARIANTS[variant], 80)
+    sd = _swin_fake(**swin, ws=ws, img=img, classes=21841, device="meta")
+    for ckpt, layout in ((sd, "official"), (_swin_to_timm(sd), "timm")):
+        report = load_swin(model, ckpt)
+        assert report["layout"] == layout and len(report["resized"]) == resized
+        assert all(n.endswith("relative_position_bias_table") for n in report["resized"])
+        assert all(".cross_window_blocks." in n or n.startswith(("head.", "object_token", "count_head."))
+                   for n in report["new"])
+        assert len(report["loaded"]) + len(report["new"]) == len(model.state_dict())
+    if resized:
+        assert any("window 7 -> 12" in n for n in report["notes"])
+        table = model.stages[0].pixel_blocks[0].pixel_attention.relative_position_bias_table
+        assert table.shape[0] == 23 ** 2
+
+
+def test_swin_wrong_checkpoint_for_variant_raises():
+    with torch.device("meta"):
+        s, m = MITr(VARIANTS["s"], 80), MITr(VARIANTS["m"], 80)
+    with pytest.raises(ValueError, match=r"no place.*layers\.2\.blocks\.6.*strict=False"):
+        load_swin(s, _swin_fake(**_SWIN_S, device="meta"))          # Swin-S has 18 blocks in stage 3
+    with pytest.raises(ValueError, match=r"lacks 156 pixel-path.*Swin-S"):
+        load_swin(m, _swin_fake(**_SWIN_T, device="meta"))          # Swin-T: 6 of m's 18 blocks (12 x 13)
+    with pytest.raises(ValueError, match=r"shape mismatch.*patch_embed"):
+        load_swin(s, _swin_fake(**_SWIN_B, device="meta"))          # C = 128, not 96
+
+
+def test_swin_window_resize_bicubic():
+    cfg7 = MITrConfig(img_size=224, embed_dim=8, window_size=7, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
+    sd = _swin_from_mitr(MITr(cfg7, 3))
+    tables = [k for k in sd if k.endswith("relative_position_bias_table")]
+    assert len(tables) == 8 and sd[tables[0]].shape == (13 * 13, 2)
+    sd[tables[0]] = torch.full((169, 2), 0.75)                          # constant: stays constant
+    sd[tables[1]] = torch.randn(169, 2)
+    m = MITr(dataclasses.replace(cfg7, img_size=384, window_size=12), 3)
+    report = load_swin(m, sd)
+    assert len(report["resized"]) == 8
+    assert report["resized"][0] == "stages.0.pixel_blocks.0.pixel_attention.relative_position_bias_table"
+    t0 = m.stages[0].pixel_blocks[0].pixel_attention.relative_position_bias_table
+    t1 = m.stages[0].pixel_blocks[1].pixel_attention.relative_position_bias_table
+    assert t0.shape == (23 * 23, 2) and torch.allclose(t0, torch.full_like(t0, 0.75), atol=1e-6)
+    # align_corners=False maps output centre 11 to input (11 + 0.5) * 13/23 - 0.5 = 6 exactly, where
+    # the bicubic kernel is (0, 1, 0, 0): the zero-offset bias (row 6*13+6) survives unchanged.
+    assert torch.allclose(t1[11 * 23 + 11], sd[tables[1]][6 * 13 + 6], atol=1e-6)
+    assert not torch.allclose(t1[0], sd[tables[1]][0])                   # a corner is interpolated
+    heads = dataclasses.replace(cfg7, img_size=384, window_size=12, num_heads=(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="shape mismatch"):             # other head count: no resize
+        load_swin(MITr(heads, 3), sd)
+
+
+def test_swin_strict_and_nonstrict():
+    sd = _swin_fake(**_SWIN_TINY, ws=3, img=96)
+    sd["layers.0.blocks.0.attn.logit_scale"] = torch.zeros(1, 1, 1)      # a Swin V2 key
+    sd["norm.weight"] = torch.ones(100)
+    m = MITr(VARIANTS["tiny"], 5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"logit_scale.*shape mismatch.*norm\.weight.*--init-nonstrict"):
+        load_swin(m, sd)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # untouched on error
+    report = load_swin(m, sd, strict=False)
+    assert report["unexpected"] == ["layers.0.blocks.0.attn.logit_scale"]
+    assert report["mismatched"] == ["norm.weight (100,) vs norm.weight (256,)"]
+    assert "norm.weight" in report["new"] and "norm.bias" in report["loaded"]
+    assert torch.equal(m.patch_embed.proj.weight, sd["patch_embed.proj.weight"])
+
+
+def test_swin_from_file_and_report(tmp_path):
+    path = tmp_path / "swin_tiny.pth"
+    torch.save({"model": {"module." + k: v for k, v in _swin_fake(**_SWIN_TINY, ws=3, img=96).items()}}, path)
+    m = MITr(VARIANTS["tiny"], 5)
+    report = load_swin(m, str(path))
+    text = format_swin_report(report)
+    lines = text.splitlines()
+    assert len(lines) <= 12 and lines[0].startswith("Swin init (official layout): 119 tensors loaded")
+    assert "new:" in text and "cross_window_blocks" in text and "skipped:" in text
+    with pytest.raises(ValueError, match="cannot read"):
+        load_swin(m, tmp_path / "missing.pth")
+
+
+def test_swin_matches_timm_swin_t():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    with torch.no_grad():
+        for n, p in swin.named_parameters():
+            p.add_(torch.randn_like(p) * (0.5 if "relative_position_bias_table" in n else 0.05))
+    m = MITr(_swin_plain("s"), 80).eval()
+    report = load_swin(m, swin.state_dict())
+    assert report["layout"] == "timm" and report["new"] == ["head.weight", "head.bias"]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = swin.forward_head(swin.forward_features(x), pre_logits=True)
+        assert (m.forward_features(x) - want).abs().max() < 1e-4
