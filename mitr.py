@@ -278,10 +278,12 @@ class CrossWindowAttention(nn.Module):
         B, H, W, C = x.shape
         ws, nh, nw = self.ws, H // self.ws, W // self.ws
         t = x.view(B, nh, ws, nw, ws, C)                           # (B, nh, ws, nw, ws, C)
-        t = t.permute(0, 5, 1, 3, 2, 4).reshape(B * C, nh * nw, ws * ws)  # (B*C, nW, ws*ws)
-        q, k, v = self.qkv(t).chunk(3, dim=-1)                     # 3 x (B*C, nW, ws*ws)
+        # One sequence per (image, channel); the head axis of 1 keeps q, k, v 4-D, which the fused
+        # attention kernels require (3-D input falls back to the slow math path).
+        t = t.permute(0, 5, 1, 3, 2, 4).reshape(B * C, 1, nh * nw, ws * ws)  # (B*C, 1, nW, ws*ws)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)                     # 3 x (B*C, 1, nW, ws*ws)
         t = F.scaled_dot_product_attention(q, k, v)                # windows attend to windows
-        t = self.proj(t)                                           # (B*C, nW, ws*ws)
+        t = self.proj(t)                                           # (B*C, 1, nW, ws*ws)
         t = t.view(B, C, nh, nw, ws, ws).permute(0, 2, 4, 3, 5, 1)  # (B, nh, ws, nw, ws, C)
         return t.reshape(B, H, W, C)
 

@@ -18,6 +18,8 @@ from losses import (arc_logits, arc_sigmoid, asymmetric_loss, bce_loss, linear_s
 from metrics import (average_precision, format_report, multilabel_report,
                      size_average_precision)
 import copy
+import json
+import bench
 
 
 # =============================================================================
@@ -1028,3 +1030,65 @@ def test_swin_matches_timm_swin_t():
     with torch.no_grad():
         want = swin.forward_head(swin.forward_features(x), pre_logits=True)
         assert (m.forward_features(x) - want).abs().max() < 1e-4
+
+
+# =============================================================================
+# bench.py (issue 9): smoke test, no timing assertions
+
+def test_bench_measure_counts_calls():
+    # warmup 2 + repeats 3 samples of one call each (min_time 0) = 5 calls of each fn.
+    calls = {"a": 0, "b": 0}
+
+    def f(k):
+        calls[k] += 1
+
+    t = bench.measure({"a": lambda: f("a"), "b": lambda: f("b")}, torch.device("cpu"),
+                      warmup=2, repeats=3, min_time=0.0)
+    assert calls == {"a": 5, "b": 5}
+    assert all(0 < v["min_s"] <= v["s"] for v in t.values())
+
+
+def test_bench_hotpath_alternatives_match_model():
+    # The copy-free alternatives the benchmark times must compute what mitr.py computes.
+    torch.manual_seed(0)
+    cfg = mitr.VARIANTS["tiny"]
+    blk = mitr.PixelBlock(32, 2, 3, 1, cfg)
+    B, H, W, C, ws, shift = 2, 6, 6, 32, 3, 1
+    x = torch.randn(B, H, W, C)
+    rolled = mitr.window_partition(torch.roll(x, (-shift, -shift), (1, 2)), ws)      # (B*nW, 9, C)
+    gathered = x.view(B, H * W, C).index_select(1, bench.window_index(H, W, ws, shift)).view_as(rolled)
+    assert torch.equal(rolled, gathered)
+    mask = blk.mask(H, W, x.device)
+    with torch.no_grad():
+        ref = blk.pixel_attention(rolled, B, mask)[0]
+        alt = bench.pa_forward_5d(blk.pixel_attention, rolled, B, mask)
+        assert torch.allclose(ref, alt, atol=1e-5)
+        cwa = mitr.CrossWindowAttention(ws)
+        assert torch.allclose(cwa(x), bench.cwa_forward_3d(cwa, x), atol=1e-5)
+
+
+def test_bench_cli_tiny_json(tmp_path):
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    bench.main(["--device", "cpu", "--variants", "tiny", "--batches", "2", "--modes", "eager-fp32",
+                "--warmup", "1", "--repeats", "1", "--min-time", "0", "--data-time", "0.02",
+                "--threads", "1", "--json", str(out)])
+    assert torch.get_num_threads() == threads                 # --threads is undone on return
+    res = json.loads(out.read_text())
+    assert {"device", "torch", "conventions"} <= set(res["meta"])
+    r = res["variants"]["tiny"]
+    # Counted MACs: CWA is part of the cross-window blocks, which are part of the model, and the
+    # Swin twin (no cross-window blocks) has fewer MACs and parameters.
+    assert 0 < r["cwa_mac"] < r["cw_blocks_mac"] < r["mac"]
+    assert r["swin_mac"] < r["mac"] and r["flops_ratio"] > 1 and r["swin_params"] < r["params"]
+    assert abs(r["analytic_mac"] / r["mac"] - 1) < 0.05
+    (row,) = r["runs"]
+    assert row["mode"] == "eager-fp32" and row["batch"] == 2
+    for k in ("fwd_img_s", "train_img_s", "swin_fwd_img_s", "swin_train_img_s", "fwd_gflop_s",
+              "train_gflop_s", "fwd_peak_mib", "train_peak_mib", "cwa_fwd_share", "cwa_train_share",
+              "time_ratio_fwd", "time_ratio_train"):
+        assert row[k] > 0, k
+    for k in ("shapes_train_img_s", "jpeg_decode_img_s", "jpeg_train_img_s", "jpeg_eval_img_s", "jpeg_kib"):
+        assert r["data"][k] > 0, k
+    # One attention call per block kind and stage; every one has at least the math kernel.
+    assert r["sdpa_backends"] and all("math" in s["backends"] for s in r["sdpa_backends"])
