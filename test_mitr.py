@@ -20,6 +20,10 @@ from metrics import (average_precision, format_report, multilabel_report,
 import copy
 import json
 import bench
+import io
+import os
+from PIL import Image
+from data import DataError
 
 
 # =============================================================================
@@ -1092,3 +1096,413 @@ def test_bench_cli_tiny_json(tmp_path):
         assert r["data"][k] > 0, k
     # One attention call per block kind and stage; every one has at least the math kernel.
     assert r["sdpa_backends"] and all("math" in s["backends"] for s in r["sdpa_backends"])
+
+
+# =============================================================================
+# data.py (Section 4.1 datasets, Shapes, augmentation)
+
+def _data_jpeg(path, size=(16, 12), colour=(200, 30, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, colour).save(path, "JPEG", quality=95)
+
+
+def _data_coco_fixture(root):
+    """Two splits; train has gapped, unsorted category ids, an unannotated image and a crowd-only one."""
+    cats = [{"id": 90, "name": "toothbrush", "supercategory": "indoor"},
+            {"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 3, "name": "car", "supercategory": "vehicle"}]
+    images = [{"id": 11, "file_name": "COCO_train2014_000000000011.jpg", "width": 16, "height": 12},
+              {"id": 12, "file_name": "COCO_train2014_000000000012.jpg", "width": 16, "height": 12},
+              {"id": 13, "file_name": "COCO_train2014_000000000013.jpg", "width": 16, "height": 12},
+              {"id": 14, "file_name": "COCO_train2014_000000000014.jpg", "width": 16, "height": 12}]
+    ann = lambda i, img, cat, area, crowd=0: {"id": i, "image_id": img, "category_id": cat, "area": area,
+                                              "iscrowd": crowd, "bbox": [0, 0, 1, 1], "segmentation": []}
+    anns = [ann(1, 11, 1, 5000.0), ann(2, 11, 1, 500.0),  # person medium + small -> medium
+            ann(3, 13, 3, 20000.0, crowd=1),  # image 13: crowd only -> kept, car large
+            ann(4, 14, 90, 9216.0), ann(5, 14, 3, 1023.9), ann(6, 14, 1, 1024.0)]  # boundaries
+    os.makedirs(os.path.join(root, "annotations"))
+    with open(os.path.join(root, "annotations", "instances_train2014.json"), "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    for im in images:
+        _data_jpeg(os.path.join(root, "train2014", im["file_name"]))
+    val_img = {"id": 7, "file_name": "COCO_val2014_000000000007.jpg", "width": 16, "height": 12}
+    with open(os.path.join(root, "annotations", "instances_val2014.json"), "w") as f:
+        json.dump({"images": [val_img], "annotations": [ann(9, 7, 90, 50.0)], "categories": cats}, f)
+    _data_jpeg(os.path.join(root, "val2014", val_img["file_name"]))
+
+
+_DATA_VOC_XML = """<annotation><folder>VOC2007</folder><filename>{id}.jpg</filename>
+<size><width>16</width><height>12</height><depth>3</depth></size>{objects}</annotation>"""
+_DATA_VOC_OBJ = """<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>
+<difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"""
+
+
+def _data_voc_fixture(root):
+    """VOCdevkit/VOC2007 with difficult objects and the devkit's per-class list files."""
+    base = os.path.join(root, "VOCdevkit", "VOC2007")
+    objs = {  # id -> [(name, difficult, box)]
+        "000001": [("dog", 0, (1, 1, 200, 100)), ("person", 1, (1, 1, 10, 10))],       # person difficult-only
+        "000002": [("cat", 1, (1, 1, 300, 300)), ("cat", 0, (1, 1, 31, 32))],          # cat: non-difficult small
+        "000005": [("chair", 0, (5, 5, 100, 95)), ("chair", 0, (1, 1, 20, 20)), ("tvmonitor", 0, (1, 1, 96, 96))],
+    }
+    os.makedirs(os.path.join(base, "Annotations"))
+    os.makedirs(os.path.join(base, "ImageSets", "Main"))
+    for image_id, ob in objs.items():
+        xml = _DATA_VOC_XML.format(id=image_id, objects="".join(
+            _DATA_VOC_OBJ.format(name=n, difficult=d, x0=b[0], y0=b[1], x1=b[2], y1=b[3]) for n, d, b in ob))
+        with open(os.path.join(base, "Annotations", f"{image_id}.xml"), "w") as f:
+            f.write(xml)
+        _data_jpeg(os.path.join(base, "JPEGImages", f"{image_id}.jpg"))
+    sets = {"trainval": ["000001", "000002"], "test": ["000005"]}
+    for name, ids in sets.items():
+        with open(os.path.join(base, "ImageSets", "Main", f"{name}.txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+        for cls in data.VOC_CLASSES:  # the devkit's format: "<id> <1|0|-1>", 0 = only difficult
+            with open(os.path.join(base, "ImageSets", "Main", f"{cls}_{name}.txt"), "w") as f:
+                for image_id in ids:
+                    mine = [d for n, d, _ in objs[image_id] if n == cls]
+                    v = -1 if not mine else (1 if 0 in mine else 0)
+                    f.write(f"{image_id} {v:2d}\n")
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO
+
+def test_data_coco_labels_order_sizes_and_protocol(tmp_path):
+    _data_coco_fixture(str(tmp_path))
+    ds = data.CocoMultiLabel(str(tmp_path), "train", data.build_transform(32, False))
+    assert ds.classes == ["person", "car", "toothbrush"]  # category-id order 1, 3, 90
+    assert len(ds) == 3 and ds.num_unannotated == 1  # image 12 has no annotation: dropped
+    img, target, sizes = ds[0]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert target.dtype == torch.float32 and sizes.dtype == torch.int64
+    assert target.tolist() == [1, 0, 0] and sizes.tolist() == [2, 0, 0]  # 5000 medium, 500 small -> medium
+    _, target, sizes = ds[1]  # crowd-only image: counted, as in ASL
+    assert target.tolist() == [0, 1, 0] and sizes.tolist() == [0, 3, 0]
+    _, target, sizes = ds[2]  # 1024.0 = 32^2 is medium, 1023.9 small, 9216 = 96^2 large
+    assert target.tolist() == [1, 1, 1] and sizes.tolist() == [2, 1, 3]
+    val = data.build_dataset("coco", str(tmp_path), "val", 24, False)
+    assert len(val) == 1 and val.classes == ds.classes
+    _, target, sizes = val[0]
+    assert target.tolist() == [0, 0, 1] and sizes.tolist() == [0, 0, 1]
+
+
+def test_data_coco_missing_files(tmp_path):
+    with pytest.raises(DataError, match="cocodataset.org"):
+        data.CocoMultiLabel(str(tmp_path / "nope"), "train")
+    os.makedirs(tmp_path / "train2014")
+    with pytest.raises(DataError, match="instances_train2014.json") as e:
+        data.CocoMultiLabel(str(tmp_path), "train")
+    assert "\n" not in str(e.value)
+    _data_coco_fixture(str(tmp_path / "c"))
+    os.remove(tmp_path / "c" / "train2014" / "COCO_train2014_000000000013.jpg")
+    ds = data.CocoMultiLabel(str(tmp_path / "c"), "train")
+    with pytest.raises(DataError, match="COCO_train2014_000000000013.jpg"):
+        ds[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# VOC
+
+def test_data_voc_difficult_protocol_and_sizes(tmp_path):
+    base = _data_voc_fixture(str(tmp_path))
+    for root in (os.path.dirname(base), base):  # VOCdevkit or VOC2007
+        ds = data.VocMultiLabel(root, "train")
+        assert ds.classes == data.VOC_CLASSES and len(ds) == 2
+    k = {c: i for i, c in enumerate(data.VOC_CLASSES)}
+    # ML-GCN: per-class file value 1 -> 1, 0 (difficult only) -> -1 (ignore), -1 -> 0
+    for i, image_id in enumerate(["000001", "000002"]):
+        for cls in data.VOC_CLASSES:
+            with open(os.path.join(base, "ImageSets", "Main", f"{cls}_trainval.txt")) as f:
+                v = dict(line.split() for line in f)[image_id]
+            assert ds.targets[i, k[cls]] == {"1": 1, "0": -1, "-1": 0}[v]
+    _, target, sizes = ds[0]
+    assert target[k["dog"]] == 1 and target[k["person"]] == -1 and sizes[k["person"]] == 0
+    assert sizes[k["dog"]] == 3  # 200 x 100 box
+    _, target, sizes = ds[1]  # the difficult 300x300 cat does not count for the size
+    assert target[k["cat"]] == 1 and sizes[k["cat"]] == 1  # 31 x 32 = 992 < 1024
+    test = data.VocMultiLabel(base, "val")
+    assert len(test) == 1
+    _, target, sizes = test[0]  # chair 96x91 (medium) then 20x20 (small): medium; tv 96x96 large
+    assert target.sum() == 2 and sizes[k["chair"]] == 2 and sizes[k["tvmonitor"]] == 3
+    pos = data.VocMultiLabel(base, "train", difficult="positive")
+    assert pos.targets[0, k["person"]] == 1 and pos.sizes[0, k["person"]] == 1
+    assert pos.sizes[1, k["cat"]] == 3
+    neg = data.VocMultiLabel(base, "train", difficult="negative")
+    assert neg.targets[0, k["person"]] == 0 and neg.targets[1, k["cat"]] == 1
+
+
+def test_data_voc_missing_test_set(tmp_path):
+    base = _data_voc_fixture(str(tmp_path))
+    os.remove(os.path.join(base, "ImageSets", "Main", "test.txt"))
+    with pytest.raises(DataError, match="VOCtest_06-Nov-2007.tar") as e:
+        data.build_dataset("voc", base, "val", 32, False)
+    assert "test.txt" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# NUS-WIDE
+
+def test_data_nuswide_asl_csv(tmp_path):
+    root = str(tmp_path)
+    with open(os.path.join(root, "nus_wid_data.csv"), "w") as f:
+        f.write("filepath,label,split_name\n"
+                "images/a.jpg,\"['sky', 'clouds']\",train\n"
+                "images/b.jpg,\"['water']\",train\n"
+                "images/gone.jpg,\"['sky']\",train\n"
+                "images/c.jpg,[],val\n"
+                "images/d.jpg,\"['zebra', 'sky']\",val\n")
+    for name in "abcd":
+        _data_jpeg(os.path.join(root, "images", f"{name}.jpg"))
+    with pytest.warns(UserWarning, match="1 of 3"):
+        ds = data.NusWide(root, "train")
+    assert ds.classes == ["clouds", "sky", "water", "zebra"]  # sorted over both splits
+    assert len(ds) == 2 and ds.num_missing == 1 and ds.num_listed == 3
+    assert ds[0][1].tolist() == [1, 1, 0, 0] and ds[1][1].tolist() == [0, 0, 1, 0]
+    assert ds[0][2].tolist() == [0, 0, 0, 0]  # no boxes: size unknown
+    val = data.NusWide(root, "val")
+    assert len(val) == 2 and val.num_missing == 0
+    assert val.targets.tolist() == [[0, 0, 0, 0], [0, 1, 0, 1]]
+    assert len(data.NusWide(root, "val", drop_unlabeled=True)) == 1
+
+
+def test_data_nuswide_original_layout(tmp_path):
+    root = str(tmp_path)
+    lists = {"Train": ["actor\\0001_11.jpg", "beach\\0002_22.jpg", "beach\\0003_33.jpg"],
+             "Test": ["actor\\0004_44.jpg"]}
+    labels = {"Train": {"sky": [1, 0, 1], "animal": [0, 1, 1]}, "Test": {"sky": [0], "animal": [1]}}
+    os.makedirs(os.path.join(root, "ImageList"))
+    os.makedirs(os.path.join(root, "Groundtruth", "TrainTestLabels"))
+    for part, lines in lists.items():
+        with open(os.path.join(root, "ImageList", f"{part}Imagelist.txt"), "w") as f:
+            f.write("\r\n".join(lines) + "\r\n")
+        for c, col in labels[part].items():
+            with open(os.path.join(root, "Groundtruth", "TrainTestLabels", f"Labels_{c}_{part}.txt"), "w") as f:
+                f.write("\n".join(map(str, col)) + "\n")
+        for line in lines[:2]:  # the third train image is missing on disk
+            _data_jpeg(os.path.join(root, "Flickr", *line.split("\\")))
+    with pytest.warns(UserWarning, match="missing"):
+        ds = data.NusWide(root, "train")
+    assert ds.classes == ["animal", "sky"] and len(ds) == 2 and ds.num_missing == 1
+    assert ds.targets.tolist() == [[0, 1], [1, 0]]
+    assert ds[1][0].shape == (3, 12, 16)  # transform=None: native size
+    test = data.build_dataset("nuswide", root, "val", 32, False)
+    assert len(test) == 1 and test[0][1].tolist() == [1, 0]
+    with open(os.path.join(root, "Groundtruth", "TrainTestLabels", "Labels_sky_Test.txt"), "a") as f:
+        f.write("1\n")  # one line too many: label files and image list disagree
+    with pytest.raises(DataError, match="Labels_sky_Test.txt has 2 lines"):
+        data.NusWide(root, "val")
+
+
+def test_data_nuswide_nothing_on_disk(tmp_path):
+    with open(tmp_path / "nus_wid_data.csv", "w") as f:
+        f.write("filepath,label,split_name\nx.jpg,\"['sky']\",train\n")
+    with pytest.raises(DataError, match="none of the 1"):
+        data.NusWide(str(tmp_path), "train")
+    with pytest.raises(DataError, match="ImageList"):
+        data.NusWide(str(tmp_path / "empty_dir_that_is_missing"), "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# image decoding
+
+def _data_save(img, path, fmt, **kw):
+    img.save(path, fmt, **kw)
+    return path
+
+
+def test_data_image_modes(tmp_path):
+    """Every mode comes out as the RGB a viewer shows. Hand-worked values in the comments."""
+    p = lambda name: str(tmp_path / name)
+    grey = _data_save(Image.new("L", (4, 4), 100), p("l.png"), "PNG")
+    assert data.load_image(grey).getpixel((0, 0)) == (100, 100, 100)
+    cmyk = _data_save(Image.new("CMYK", (8, 8), (255, 0, 0, 0)), p("c.jpg"), "JPEG", quality=95)
+    assert np.allclose(data.load_image(cmyk).getpixel((4, 4)), (0, 255, 255), atol=8)  # cyan
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    assert data.load_image(_data_save(pal, p("p.png"), "PNG")).getpixel((0, 0)) == (255, 0, 0)
+    pal.putpixel((0, 0), 0)
+    pal.info["transparency"] = 0  # palette index 0 transparent -> white background
+    out = data.load_image(_data_save(pal, p("pt.png"), "PNG", transparency=0))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (255, 0, 0)
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(255, 0, 0, 0), (0, 0, 255, 255), (0, 0, 0, 128)])
+    out = data.load_image(_data_save(rgba, p("a.png"), "PNG"))
+    # transparent red shows the white background, not red; half-transparent black: 255*(1-128/255)=127
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (0, 0, 255)
+    assert np.allclose(out.getpixel((2, 0)), (127, 127, 127), atol=1)
+    la = Image.new("LA", (2, 1))
+    la.putdata([(0, 0), (0, 255)])
+    out = data.load_image(_data_save(la, p("la.png"), "PNG"))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (0, 0, 0)
+    sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))  # I;16
+    assert sixteen.mode == "I;16"
+    out = data.load_image(_data_save(sixteen, p("16.png"), "PNG"))
+    assert [out.getpixel((x, 0)) for x in range(3)] == [(0,) * 3, (128,) * 3, (255,) * 3]  # /257
+    bilevel = Image.new("1", (2, 2), 1)
+    assert data.load_image(_data_save(bilevel, p("1.png"), "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    as_int = Image.fromarray(np.array([[0, 65535]], dtype=np.int32))  # mode I, 16-bit range
+    assert data.to_rgb(as_int).getpixel((1, 0)) == (255, 255, 255)
+    as_float = Image.fromarray(np.array([[0.0, 0.5]], dtype=np.float32))  # mode F, 0..1
+    assert data.to_rgb(as_float).getpixel((1, 0)) == (128, 128, 128)
+    for path in (grey, cmyk):
+        assert data.load_image(path).mode == "RGB"
+
+
+def test_data_exif_rotation(tmp_path):
+    """Orientation 6 = rotate 90 degrees clockwise for display: the stored left half goes on top."""
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = str(tmp_path / "rot.jpg")
+    img.save(path, "JPEG", exif=exif, quality=95)
+    out = data.load_image(path)
+    assert out.size == (20, 40)
+    top, bottom = out.getpixel((10, 5)), out.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+def test_data_corrupt_truncated_and_draft(tmp_path):
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    path = str(tmp_path / "big.jpg")
+    big.save(path, "JPEG", quality=90)
+    assert data.load_image(path).size == (800, 600)
+    drafted = data.load_image(path, draft_size=96)  # 1/4 scale keeps both sides >= 96 (1/8 would be 75)
+    assert drafted.size == (200, 150)
+    raw = open(path, "rb").read()
+    trunc = tmp_path / "truncated.jpg"
+    trunc.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="truncated.jpg") as e:
+        data.load_image(str(trunc))
+    assert "\n" not in str(e.value)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(DataError, match="junk.png"):
+        data.load_image(str(junk))
+    with pytest.raises(DataError, match="absent.jpg"):
+        data.load_image(str(tmp_path / "absent.jpg"))
+
+
+def test_data_bad_names_and_roots(tmp_path):
+    for name in ("coco", "voc", "nuswide"):
+        with pytest.raises(DataError) as e:
+            data.build_dataset(name, str(tmp_path / "missing"), "train", 32, True)
+        assert "missing" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(DataError, match="data-dir"):
+            data.build_dataset(name, None, "train", 32, True)
+    with pytest.raises(DataError, match="unknown dataset"):
+        data.build_dataset("imagenet", None, "train", 32, True)
+    with pytest.raises(DataError, match="split"):
+        data.build_dataset("shapes", None, "test", 32, True)
+    with pytest.raises(DataError, match="colour"):
+        data.build_dataset("shapes", None, "train", 32, True, colour=1)
+
+
+def test_data_size_category():
+    assert [data.size_category(a) for a in (0, 1023.9, 1024, 9215, 9216)] == [1, 1, 2, 2, 3]
+    # scaled to a 96x96 image: 1024 * 9216 / 307200 = 30.72, 9216 * 9216 / 307200 = 276.48
+    assert [data.size_category(a, 96 * 96) for a in (30.7, 30.8, 276.4, 276.5)] == [1, 2, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+def test_data_shapes_determinism_and_disjoint_splits():
+    a, b = data.Shapes(20, seed=3), data.Shapes(20, seed=3)
+    x1, t1, s1 = a[7]
+    x2, t2, s2 = b[7]
+    assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(s1, s2)
+    assert torch.equal(a[7][0], x1)  # repeated access
+    assert not torch.equal(data.Shapes(20, seed=4)[7][0], x1)
+    assert x1.shape == (3, 96, 96) and t1.shape == (12,) and s1.dtype == torch.int64
+    assert ((t1 == 1) == (s1 > 0)).all()  # every present label has a size, absent ones none
+    train = data.build_dataset("shapes", None, "train", 96, False, num_images=30)
+    val = data.build_dataset("shapes", None, "val", 96, False)
+    assert len(val) == 2000 and val.index_offset >= 10 ** 9
+    tr = {train.image(i).tobytes() for i in range(30)}
+    assert not tr & {val.image(i).tobytes() for i in range(30)}
+    with pytest.raises(IndexError):
+        train[30]
+
+
+def test_data_shapes_statistics():
+    ds = data.Shapes(1500, seed=0)
+    st = ds.stats(1500)
+    # designed P(B | A) = 0.8; sd of the estimate with ~240 A-images is ~0.026, placement may drop a few
+    assert abs(st["cooccurrence"]["dot|bar"] - 0.8) < 0.08
+    assert abs(st["cooccurrence"]["moon|star"] - 0.8) < 0.08
+    assert st["cooccurrence"]["dot|not bar"] < 0.35 and st["cooccurrence"]["moon|not star"] < 0.35
+    assert 0.12 <= st["size_fraction"]["small"] <= 0.32  # designed ~20%
+    assert st["size_fraction"]["large"] > 0.25
+    assert abs(sum(st["size_fraction"].values()) - 1) < 1e-9
+    assert 1.6 <= st["labels_per_image"] <= 3.0 and st["objects_per_image"] <= 4
+    assert min(st["class_freq"].values()) > 0.08
+    n_small_dot = 0
+    for i in range(200):
+        objs = ds.layout(i)
+        assert 1 <= len(objs) <= 4
+        for o in objs:
+            if o["name"] == "dot":  # the small-object class: below one 4x4 patch
+                assert o["area"] < 16 and o["size"] == 1
+                n_small_dot += 1
+    assert n_small_dot > 20
+    # the label's size is the larger of its instances' sizes
+    for i in range(200):
+        objs = ds.layout(i)
+        _, _, sizes = ds[i]
+        for o in objs:
+            assert sizes[o["k"]] == max(p["size"] for p in objs if p["k"] == o["k"])
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms and loading
+
+def test_data_transforms_shape_dtype_and_seed():
+    img = data.Shapes(1).image(0)
+    train = data.build_transform(64, True)
+    torch.manual_seed(0)
+    a = train(img)
+    torch.manual_seed(0)
+    b = train(img)
+    assert a.shape == (3, 64, 64) and a.dtype == torch.float32 and torch.equal(a, b)
+    outs = []
+    for s in range(4):
+        torch.manual_seed(s)
+        outs.append(train(img))
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+    ev = data.build_transform(48, False)
+    assert torch.equal(ev(img), ev(img)) and ev(img).shape == (3, 48, 48)
+    mean_img = Image.new("RGB", (10, 7), tuple(round(255 * m) for m in data.IMAGENET_MEAN))
+    assert ev(mean_img).abs().max() < 0.02  # the ImageNet mean colour normalises to ~0
+    for name, op in data.RANDAUG_OPS.items():  # all 14 keep size and mode
+        for v in (-0.5, 1.0):
+            out = op(img.copy(), v)
+            assert out.size == img.size and out.mode == "RGB", name
+    assert len(data.RANDAUG_OPS) == 14
+    torch.manual_seed(1)
+    cut = data.cutout(img.copy(), 0.5, p=1.0)
+    changed = (np.asarray(cut) != np.asarray(img)).any(axis=2).sum()
+    assert 0 < changed <= 49 * 49  # a rectangle of at most (96/2 + 1)^2 pixels
+
+
+def test_data_dataloader_workers_reproducible():
+    # the paper's augmentation, explicitly (Shapes defaults to none, see build_dataset)
+    ds = data.build_dataset("shapes", None, "train", 96, True, num_images=16, randaug_n=2, cutout_p=0.5)
+    assert ds.transform.randaug_n == 2
+    assert data.build_dataset("shapes", None, "train", 96, True).transform.randaug_n == 0
+
+    def run():
+        torch.manual_seed(123)
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=2)
+        return [b for b in loader]
+
+    first, second = run(), run()
+    x, t, s = first[0]
+    assert x.shape == (8, 3, 96, 96) and t.shape == (8, 12) and s.shape == (8, 12)
+    assert x.dtype == torch.float32 and t.dtype == torch.float32 and s.dtype == torch.int64
+    for (x1, t1, s1), (x2, t2, s2) in zip(first, second):
+        assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(s1, s2)
+    plain = torch.stack([data.Shapes(16, transform=data.build_transform(96, False))[i][0] for i in range(16)])
+    assert not any(torch.equal(x, plain[i]) for b in first for i, x in enumerate(b[0]))  # augmented
