@@ -23,6 +23,7 @@ import bench
 import io
 import os
 from PIL import Image
+import data
 from data import DataError
 
 
