@@ -25,6 +25,8 @@ import os
 from PIL import Image
 import data
 from data import DataError
+import train
+from metrics import average_precision
 
 
 # =============================================================================
@@ -1507,3 +1509,313 @@ def test_data_dataloader_workers_reproducible():
         assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(s1, s2)
     plain = torch.stack([data.Shapes(16, transform=data.build_transform(96, False))[i][0] for i in range(16)])
     assert not any(torch.equal(x, plain[i]) for b in first for i, x in enumerate(b[0]))  # augmented
+
+
+# =============================================================================
+# train.py (Section 4.1 recipe, issue 6)
+
+_TRAIN_REPO = os.path.dirname(os.path.abspath(train.__file__))
+# Small, quick settings shared by the runs below: 12 Shapes classes, tiny model, CPU.
+_TRAIN_TINY = ["--workers", "0", "--device", "cpu", "--log-every", "1000"]
+
+
+def _train_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _train_cli(*args, env=None, wait=True):
+    """Run `python train.py ARGS` in a subprocess (Popen when wait is False)."""
+    cmd = [sys.executable, os.path.join(_TRAIN_REPO, "train.py"), *map(str, args)]
+    p = subprocess.Popen(cmd, cwd=_TRAIN_REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, **(env or {})})
+    return p.communicate(timeout=120) + (p.returncode,) if wait else p
+
+
+@pytest.fixture(scope="module")
+def _train_run(tmp_path_factory):
+    """One short real run (768 Shapes images, 2 epochs of 48 steps, no augmentation: it only slows
+    learning this short): its folder, shared by the tests below."""
+    out = tmp_path_factory.mktemp("run") / "shapes"
+    train.main(["--num-train", "768", "--num-val", "200", "--batch-size", "16", "--epochs", "2",
+                "--lr", "1e-3", "--randaug", "0", "0", "--cutout", "0", "--out", str(out), *_TRAIN_TINY])
+    return out
+
+
+@pytest.mark.slow
+def test_train_short_run_learns(_train_run):
+    log = _train_log(_train_run)
+    assert log[0]["kind"] == "config" and log[0]["args"]["variant"] == "tiny"
+    epochs = [r for r in log if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert epochs[-1]["train_loss"] < 0.95 * epochs[0]["train_loss"]     # measured: 3.36 -> 3.12
+    # Chance. A random ranking has AP equal to the class's positive rate in expectation over many
+    # images (18.5% here: 2.2 labels per image over 12 classes); with 200 images it is a little
+    # higher (20.5 +- 1.0 over random score matrices). Calibrated on the same val images: the run
+    # must beat chance by 4 standard deviations (measured: 27.2 after these 96 steps of 16 images;
+    # 47 after 156 steps of 64).
+    val = data.build_dataset("shapes", None, "val", 96, False, num_images=200)
+    targets = np.stack([val[i][1].numpy() for i in range(len(val))])
+    rng = np.random.default_rng(0)
+    chance = [np.nanmean(average_precision(rng.random(targets.shape), targets)) for _ in range(100)]
+    assert abs(np.mean(chance) - 100 * targets.mean()) < 4
+    best = max(r["mAP"] for r in epochs)
+    assert best > np.mean(chance) + 4 * np.std(chance), (best, np.mean(chance), np.std(chance))
+    for r in epochs:                                      # the full table, both models, every epoch
+        assert r["val_rows"] == 200 and r["best_of"] in ("model", "ema")
+        for name in ("model", "ema"):
+            assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "AP_s", "AP_m", "AP_l"} <= set(r[name])
+        assert list(r["AP_per_class"]) == data.SHAPE_CLASSES
+    assert os.path.isfile(_train_run / "last.pt") and os.path.isfile(_train_run / "best.pt")
+    ck = torch.load(_train_run / "best.pt", weights_only=True)
+    assert ck["best_map"] == pytest.approx(best) and ck["classes"] == data.SHAPE_CLASSES
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "config", "args", "epoch", "step"} <= set(ck)
+
+
+def test_train_eval_only_reproduces_logged_metrics(_train_run, capsys):
+    """Evaluating last.pt again gives the metrics logged when it was written; nothing is written."""
+    before = sorted(os.listdir(_train_run))
+    reports = train.main(["--resume", str(_train_run / "last.pt"), "--eval-only", *_TRAIN_TINY])
+    logged = [r for r in _train_log(_train_run) if r["kind"] == "epoch"][-1]
+    for name in ("model", "ema"):
+        for k in ("mAP", "CF1", "OF1", "AP_s"):
+            assert reports[name][k] == pytest.approx(logged[name][k], abs=1e-6)
+    assert "mAP" in capsys.readouterr().out
+    assert sorted(os.listdir(_train_run)) == before
+
+
+@pytest.mark.slow
+def test_train_predict_cli(_train_run, tmp_path):
+    """Inference on image files: labels above threshold with probabilities, and the count head."""
+    shapes = data.Shapes(2)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"img{i}.png")
+        shapes.image(i).save(paths[-1])
+    out, err, rc = _train_cli("predict", "--checkpoint", _train_run / "best.pt", "--threshold", "0.0",
+                              *paths)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(paths[0]))
+    # threshold 0 lists all 12 classes with probabilities in (0, 1), sorted, plus the count
+    probs = [float(part.rsplit(" ", 1)[1]) for part in lines[0].split(": ", 1)[1].split(" | ")[0].split(", ")]
+    assert len(probs) == 12 and probs == sorted(probs, reverse=True) and 0 < min(probs) and max(probs) < 1
+    assert int(lines[0].rsplit(": ", 1)[1]) in range(13)
+    # in-process: the same numbers as the model on the same images
+    res = train.predict(["--checkpoint", str(_train_run / "best.pt"), "--threshold", "0.5", str(paths[0])])
+    assert all(p >= 0.5 for _, p in res[0]["labels"])
+
+
+def test_train_resume_is_exact(tmp_path):
+    """2 epochs in one go == 1 epoch (a --max-steps stop, same schedule) + --resume for the 2nd:
+    bitwise-equal model, EMA and optimizer state on CPU."""
+    common = ["--num-train", "40", "--num-val", "8", "--batch-size", "8", "--epochs", "2", *_TRAIN_TINY]
+    train.main([*common, "--out", str(tmp_path / "a")])
+    train.main([*common, "--out", str(tmp_path / "b"), "--max-steps", "5"])     # 5 steps = 1 epoch
+    half = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert half["epoch"] == 1 and half["step"] == 5
+    train.main(["--resume", str(tmp_path / "b" / "last.pt"), *_TRAIN_TINY])
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 10 and a["epoch"] == b["epoch"] == 2
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for s in a["optimizer"]["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["optimizer"]["state"][s][k], b["optimizer"]["state"][s][k])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    kinds = [r["kind"] for r in _train_log(tmp_path / "b")]
+    assert kinds == ["config", "epoch", "resume", "epoch"]
+    # not trivially equal: the second epoch moved the weights
+    assert not torch.equal(half["model"]["head.weight"], a["model"]["head.weight"])
+
+
+def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous file intact and no temporary file behind."""
+    path = tmp_path / "last.pt"
+    train.save_checkpoint({"x": torch.ones(3)}, str(path))
+
+    def dying_save(obj, f):
+        with open(f, "wb") as h:
+            h.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(train.torch, "save", dying_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint({"x": torch.zeros(3)}, str(path))
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_train_ctrl_c_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the 2nd epoch: exit 130, last.pt still the end of epoch 1, and resumable."""
+    calls = {"n": 0}
+    real = train.mitr_loss
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:                               # 3 steps per epoch: inside epoch 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "mitr_loss", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--num-train", "24", "--num-val", "4", "--batch-size", "8", "--epochs", "3",
+                    "--out", str(out), *_TRAIN_TINY])
+    assert e.value.code == 130 and "--resume" in capsys.readouterr().err
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["step"] == 3
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl"]
+
+
+def test_train_param_groups_decay_weights_only():
+    import mitr
+    model = mitr.MITr(mitr.VARIANTS["tiny"], 5)
+    decay, no_decay = train.param_groups(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0
+    assert "head.weight" in dn and "patch_embed.proj.weight" in dn
+    assert "object_token" in nn_ and "norm.weight" in nn_ and "patch_embed.proj.bias" in nn_
+    assert any("relative_position_bias_table" in n for n in nn_)
+    assert not any("relative_position_bias_table" in n or n.endswith(".bias") or "norm" in n for n in dn)
+    assert len(dn) + len(nn_) == len(names)
+
+
+def test_train_ema_update_moves_towards_model():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        a.weight.fill_(0.0)
+        b.weight.fill_(1.0)
+    train.ema_update(a, b, 0.9)                           # 0.9 * 0 + 0.1 * 1
+    assert torch.allclose(a.weight, torch.full((2, 2), 0.1))
+
+
+@pytest.mark.slow
+def test_train_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 gloo processes: trains, and evaluation gathers exactly len(val) rows (25 is
+    odd, so one rank pads) in dataset order, i.e. the metrics equal a 1-process evaluation."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(_TRAIN_REPO, "train.py"), "--num-train", "64", "--num-val", "25",
+           "--batch-size", "16", "--epochs", "1", "--out", str(out), *_TRAIN_TINY]
+    p = subprocess.run(cmd, cwd=_TRAIN_REPO, capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("epoch 1 val") == 1             # only rank 0 prints
+    log = _train_log(out)
+    assert log[0]["world_size"] == 2
+    ep = [r for r in log if r["kind"] == "epoch"]
+    assert len(ep) == 1 and ep[0]["val_rows"] == 25 and ep[0]["step"] == 4   # 64 / 16 = 4 global steps
+    single = train.main(["--resume", str(out / "last.pt"), "--eval-only", *_TRAIN_TINY])
+    for name in ("model", "ema"):
+        assert single[name]["mAP"] == pytest.approx(ep[0][name]["mAP"], abs=1e-4)
+        assert single[name]["OF1"] == pytest.approx(ep[0][name]["OF1"], abs=1e-4)
+
+
+def _train_bad_cases(run, tmp_path):
+    """{expected message: argv} for every bad input (files made in tmp_path)."""
+    ck = torch.load(run / "last.pt", weights_only=True)
+    torch.save(dict(ck, classes=ck["classes"][:5]), tmp_path / "five.pt")      # another dataset
+    torch.save(dict(ck, classes=ck["classes"] + ["extra"]), tmp_path / "thirteen.pt")  # weights do not fit
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "notackpt.pt").write_bytes(b"hello")
+    (tmp_path / "empty").mkdir()
+    return {
+        "unrecognized arguments: --bogus": ["--bogus"],
+        "invalid choice: 'xl'": ["--variant", "xl"],
+        "invalid int value": ["--epochs", "ten"],
+        "COCO annotation file not found": ["--data", "coco", "--data-dir", tmp_path / "empty"],
+        "VOC": ["--data", "voc", "--data-dir", tmp_path / "empty"],
+        "needs --data-dir": ["--data", "nuswide"],
+        "--variant s differs from checkpoint": ["--resume", run / "last.pt", "--variant", "s"],
+        "trained on 5 classes": ["--resume", tmp_path / "five.pt", "--eval-only"],
+        "weights do not fit": ["predict", "--checkpoint", tmp_path / "thirteen.pt", tmp_path / "broken.png"],
+        "cannot read checkpoint": ["predict", "--checkpoint", tmp_path / "notackpt.pt", tmp_path / "broken.png"],
+        "cannot decode image": ["predict", "--checkpoint", run / "best.pt", tmp_path / "broken.png"],
+        "already holds files": ["--out", run, "--epochs", "1"],
+        "--eval-only needs a model": ["--eval-only"],
+        "no CUDA device": ["--device", "cuda"],
+    }
+
+
+def _train_check_error(msg, err, code):
+    assert code == 2, (msg, err)
+    assert err.count("\n") == 1 and err.startswith("train.py: error: ") and msg in err, (msg, err)
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_bad_inputs_one_line_exit_2(_train_run, tmp_path, capsys):
+    """Each bad input: one line on stderr saying what to do, exit code 2, no traceback, and no file
+    already on disk changed. Five run as real subprocesses (concurrently: each is mostly `import
+    torch`), the others through train.main in this process (the same code up to the exit)."""
+    stamp = {f: os.stat(_train_run / f).st_mtime_ns for f in os.listdir(_train_run)}
+    cases = _train_bad_cases(_train_run, tmp_path)
+    if torch.cuda.is_available():
+        del cases["no CUDA device"]
+    sub = ["unrecognized arguments: --bogus", "COCO annotation file not found",
+           "--variant s differs from checkpoint", "cannot decode image", "already holds files"]
+    procs = {msg: _train_cli(*cases.pop(msg), wait=False) for msg in sub}
+    for msg, args in cases.items():
+        with pytest.raises(SystemExit) as e:
+            train.main([str(a) for a in args])
+        _train_check_error(msg, capsys.readouterr().err, e.value.code)
+    for msg, p in procs.items():
+        out, err = p.communicate(timeout=120)
+        _train_check_error(msg, err, p.returncode)
+    assert {f: os.stat(_train_run / f).st_mtime_ns for f in os.listdir(_train_run)} == stamp
+
+
+def test_train_resume_may_change_only_machine_flags(_train_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(_train_run / "last.pt"), "--lr", "1"])
+    assert e.value.code == 2 and "--lr 1.0 differs" in capsys.readouterr().err
+    args, explicit = train.parse_args(["--workers", "3", "--resume", "x.pt"])
+    assert explicit == {"workers", "resume"} and args.variant == "tiny" and args.img_size == 96
+    args, _ = train.parse_args(["--data", "coco", "--data-dir", "d"])
+    assert (args.variant, args.lr, args.img_size, args.ema_decay) == ("s", 1e-4, 224, 0.9997)
+
+
+def _train_swin_checkpoint(model):
+    """A MITr state dict in the official Swin layout (what --init expects): pixel blocks ->
+    layers.i.blocks.j (pixel_attention -> attn), space_to_depth -> layers.i.downsample; the
+    parts Swin lacks (cross-window blocks, object token, heads) left out."""
+    out = {}
+    for k, v in model.state_dict().items():
+        p = k.split(".")
+        if p[0] == "stages" and p[2] == "pixel_blocks":
+            p = ["layers", p[1], "blocks", p[3], *["attn" if q == "pixel_attention" else q for q in p[4:]]]
+        elif p[0] == "stages" and p[2] == "space_to_depth":
+            p = ["layers", p[1], "downsample", *p[3:]]
+        elif p[0] in ("head", "object_token", "count_head") or "cross_window_blocks" in p:
+            continue
+        out[".".join(p)] = v.clone()
+    return out
+
+
+def test_train_init_from_swin(tmp_path, capsys):
+    """--init loads Swin weights through mitr.load_swin and prints its report; a checkpoint with a
+    key that has no place stops (exit 2) unless --init-nonstrict."""
+    import mitr
+    torch.manual_seed(123)
+    donor = mitr.MITr(mitr.VARIANTS["tiny"], 12)
+    sd = _train_swin_checkpoint(donor)
+    torch.save({"model": sd}, tmp_path / "swin.pth")
+    torch.save({"model": {**sd, "layers.7.blocks.0.extra": torch.zeros(2)}}, tmp_path / "odd.pth")
+    tiny = ["--num-val", "4", "--eval-only", *_TRAIN_TINY]
+    train.main(["--init", str(tmp_path / "swin.pth"), *tiny])
+    out = capsys.readouterr().out
+    assert "Swin init (official layout)" in out and "0 unexpected, 0 mismatched" in out
+    with pytest.raises(SystemExit) as e:
+        train.main(["--init", str(tmp_path / "odd.pth"), *tiny])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "no place in this MITr" in err
+    train.main(["--init", str(tmp_path / "odd.pth"), "--init-nonstrict", *tiny])
+    assert "1 unexpected" in capsys.readouterr().out
+    # the weights really arrive: a model built the way train.py builds it, then loaded
+    model = mitr.MITr(mitr.VARIANTS["tiny"], 12)
+    train.init_weights(model, str(tmp_path / "swin.pth"), strict=True)
+    assert torch.equal(model.stages[1].pixel_blocks[1].pixel_attention.qkv.weight,
+                       donor.stages[1].pixel_blocks[1].pixel_attention.qkv.weight)
