@@ -27,6 +27,9 @@ import data
 from data import DataError
 import train
 from metrics import average_precision
+import pathlib
+import nbclient
+import nbformat
 
 
 # =============================================================================
@@ -1819,3 +1822,56 @@ def test_train_init_from_swin(tmp_path, capsys):
     train.init_weights(model, str(tmp_path / "swin.pth"), strict=True)
     assert torch.equal(model.stages[1].pixel_blocks[1].pixel_attention.qkv.weight,
                        donor.stages[1].pixel_blocks[1].pixel_attention.qkv.weight)
+
+
+# =============================================================================
+# notebooks/ (issue 7): executed headlessly in fast mode
+
+_NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent / "notebooks"
+_NOTEBOOKS_NAMES = [
+    "01_tensor_shapes_through_the_hierarchy.ipynb",
+    "02_cost_analysis.ipynb",
+    "03_losses.ipynb",
+    "04_train_measure_look.ipynb",
+]
+
+
+def _notebooks_load(name):
+    with open(_NOTEBOOKS_DIR / name, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_notebooks_all_present():
+    found = sorted(p.name for p in _NOTEBOOKS_DIR.glob("*.ipynb"))
+    assert found == sorted(_NOTEBOOKS_NAMES), f"notebooks/ holds {found}, expected {_NOTEBOOKS_NAMES}"
+
+
+@pytest.mark.parametrize("name", _NOTEBOOKS_NAMES)
+def test_notebooks_committed_with_outputs(name):
+    """Readable on a code host without running: every code cell was executed, in order, without
+    an error, and the file stays small (figures at low dpi)."""
+    nb = _notebooks_load(name)
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code, f"{name} has no code cells"
+    counts = [c.get("execution_count") for c in code]
+    assert all(isinstance(n, int) for n in counts), f"{name}: some code cells were never executed"
+    assert counts == sorted(counts), f"{name}: cells were executed out of order {counts}"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{name}: stored outputs contain an error: {errors[0].get('ename')}"
+    assert sum(bool(c.get("outputs")) for c in code) >= len(code) // 2, f"{name}: most cells have no output"
+    size = (_NOTEBOOKS_DIR / name).stat().st_size
+    assert size < 600_000, f"{name} is {size // 1000} KB; keep figures small (dpi ~80, JPEG for images)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _NOTEBOOKS_NAMES)
+def test_notebooks_execute_in_fast_mode(name, monkeypatch):
+    """Run the notebook headlessly in notebooks/ (its working directory when opened in Jupyter);
+    any cell error fails the test with that cell's traceback."""
+    monkeypatch.setenv("MITR_NB_FAST", "1")            # the kernel inherits the environment
+    nb = nbformat.read(str(_NOTEBOOKS_DIR / name), as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                     resources={"metadata": {"path": str(_NOTEBOOKS_DIR)}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
