@@ -1781,30 +1781,13 @@ def test_train_resume_may_change_only_machine_flags(_train_run, capsys):
     assert (args.variant, args.lr, args.img_size, args.ema_decay) == ("s", 1e-4, 224, 0.9997)
 
 
-def _train_swin_checkpoint(model):
-    """A MITr state dict in the official Swin layout (what --init expects): pixel blocks ->
-    layers.i.blocks.j (pixel_attention -> attn), space_to_depth -> layers.i.downsample; the
-    parts Swin lacks (cross-window blocks, object token, heads) left out."""
-    out = {}
-    for k, v in model.state_dict().items():
-        p = k.split(".")
-        if p[0] == "stages" and p[2] == "pixel_blocks":
-            p = ["layers", p[1], "blocks", p[3], *["attn" if q == "pixel_attention" else q for q in p[4:]]]
-        elif p[0] == "stages" and p[2] == "space_to_depth":
-            p = ["layers", p[1], "downsample", *p[3:]]
-        elif p[0] in ("head", "object_token", "count_head") or "cross_window_blocks" in p:
-            continue
-        out[".".join(p)] = v.clone()
-    return out
-
-
 def test_train_init_from_swin(tmp_path, capsys):
     """--init loads Swin weights through mitr.load_swin and prints its report; a checkpoint with a
     key that has no place stops (exit 2) unless --init-nonstrict."""
     import mitr
     torch.manual_seed(123)
     donor = mitr.MITr(mitr.VARIANTS["tiny"], 12)
-    sd = _train_swin_checkpoint(donor)
+    sd = _swin_from_mitr(donor)
     torch.save({"model": sd}, tmp_path / "swin.pth")
     torch.save({"model": {**sd, "layers.7.blocks.0.extra": torch.zeros(2)}}, tmp_path / "odd.pth")
     tiny = ["--num-val", "4", "--eval-only", *_TRAIN_TINY]
