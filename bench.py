@@ -195,11 +195,11 @@ def flops_summary(model):
 # second, independent estimate comes from MITr against its Swin twin (cross_window=False): the
 # time difference is the share of the whole cross-window blocks (CWA + LayerNorms + MLP).
 
-def cwa_inputs(model, batch, device, mode):
-    """[(CrossWindowAttention module, input shape, input dtype)] as met in one forward pass."""
+def module_inputs(model, types, batch, device, mode):
+    """[(module, forward args)] for every module of `types`, as met in one forward pass."""
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0].shape, args[0].dtype)))
-             for m in model.modules() if isinstance(m, CrossWindowAttention)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args)))
+             for m in model.modules() if isinstance(m, types)]
     S = model.config.img_size
     try:
         model.eval()
@@ -209,6 +209,12 @@ def cwa_inputs(model, batch, device, mode):
         for h in hooks:
             h.remove()
     return seen
+
+
+def cwa_inputs(model, batch, device, mode):
+    """[(CrossWindowAttention module, input shape, input dtype)] as met in one forward pass."""
+    return [(m, a[0].shape, a[0].dtype)
+            for m, a in module_inputs(model, CrossWindowAttention, batch, device, mode)]
 
 
 def time_cwa(model, batch, device, mode, args):
@@ -405,17 +411,7 @@ def _ms(t):
 def hotpath(model, batch, device, mode, args):
     """Per stage: PixelAttention's bias materialisation, PA's q/k/v layout, roll + partition and
     their reverse, and CWA's permute copies, each timed against the whole op (ms per call)."""
-    blocks = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a: blocks.append((mod, a)))
-             for m in model.modules() if isinstance(m, (mitr.PixelBlock, mitr.CrossWindowBlock))]
-    S = model.config.img_size
-    try:
-        model.eval()
-        with torch.no_grad(), autocast(device, mode):
-            model(torch.randn(batch, 3, S, S, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
+    blocks = module_inputs(model, (mitr.PixelBlock, mitr.CrossWindowBlock), batch, device, mode)
     m = lambda fns: _ms(measure(fns, device, args.warmup, args.repeats, args.min_time / 4))
     inf = lambda f: (lambda: _no_grad(f, device, mode))
     rows, done = [], set()
