@@ -15,7 +15,7 @@ a *unit* of three sub-blocks: a Swin block with plain windows (W-MSA), a Swin bl
 windows (SW-MSA), then a cross-window block. Stages 1-3 hold such units; the last stage, a single
 window at the paper's resolutions (7x7 with ws 7, 12x12 with ws 12), holds only the two pixel
 blocks, and the object-aware token joins their attention. This is the reading that reproduces
-Table 2's parameter counts (33 / 62 / 108 M; we get 31.6 / 60.9 / 107.5 M), and it makes the
+Table 2's parameter counts (33 / 62 / 108 M; we get 31.6 / 61.0 / 107.5 M), and it makes the
 pixel-attention path of s, m, l exactly Swin-T, Swin-S and Swin-B: `stages[i].pixel_blocks[j]` is
 Swin's `layers[i].blocks[j]`, which is what `load_swin` relies on.
 """
