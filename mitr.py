@@ -535,10 +535,12 @@ def summary(model: MITr, img_size: int | None = None, counted: bool = True) -> s
     parts.append(("heads", "-", cfg.embed_dim * 8, "-", heads))
     for name, tokens, C, windows, module in parts:
         params = num_params(module) + (model.object_token.numel() if name == "stage4" and model.object_token is not None else 0)
-        key = {"heads": None}.get(name, f"{root}.{name.replace('stage', 'stages.')}")
-        if name.startswith("stage"):
-            key = f"{root}.stages.{int(name[5:]) - 1}"
-        got = measured.get(key) if key else sum(measured.get(f"{root}.{n}", 0) for n in ("norm", "head", "count_head"))
+        if name == "heads":
+            got = sum(measured.get(f"{root}.{n}", 0) for n in ("norm", "head", "count_head"))
+        elif name.startswith("stage"):
+            got = measured.get(f"{root}.stages.{int(name[5:]) - 1}")
+        else:
+            got = measured.get(f"{root}.{name}")
         rows.append((name, tokens, C, windows, f"{params / 1e6:.2f}", f"{analytic[name] / 1e9:.3f}",
                      "-" if not counted else f"{got / 1e9:.3f}"))
     total_a = sum(analytic.values())
