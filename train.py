@@ -1,32 +1,26 @@
 """Train, evaluate and run MITr (Section 4.1 of the paper) on one CPU, one GPU or many.
 
-    python train.py                                   # the embedded default: tiny on Shapes, CPU
+    python train.py                                   # the embedded default: MITr-tiny on Shapes, CPU
     python train.py --data coco --data-dir /data/coco --variant s --init swin_tiny_patch4_window7_224.pth
     torchrun --nproc_per_node=8 train.py --data coco --data-dir /data/coco --variant s ...
-    python train.py --resume runs/RUN/last.pt         # continue a run exactly where it stopped
-    python train.py --resume runs/RUN/best.pt --eval-only
+    python train.py --resume runs/RUN/last.pt [--eval-only]   # continue a run (in a new folder) or evaluate it
     python train.py predict --checkpoint runs/RUN/best.pt cat.jpg dog.png
 
-The recipe (Section 4.1, the rest from the ASL code it follows, see REFERENCE-NOTES): Adam, a
-one-cycle schedule peaking at lr 1e-4 (pct_start 0.2), weight decay 1e-4 on weights only, the loss
-of Eq. 18 (ASL with gamma+ 0, gamma- 4, m 0.05 on the arc-sigmoid head with s 8, plus the
-object-token loss), Cutout + RandAugment, an EMA of the weights (decay 0.9997, every step), and
-validation reporting the better of the plain and the EMA model.
-
-Everything a run needs to continue lives in its checkpoint (model, EMA, optimizer, schedule, AMP
-scaler, epoch/step, every RNG state, config, arguments, class names); checkpoints are written to a
-temporary file and renamed, so an interrupted run always leaves the last good one in place.
+The recipe (Section 4.1 and the ASL code it follows): Adam, one-cycle lr peaking at 1e-4, weight decay 1e-4
+on weights only, Eq. 18's loss, Cutout + RandAugment, an EMA of the weights (validation reports the better).
+Nothing is lost: every run, a resumed one too, claims a NEW folder, so resuming an older best.pt cannot
+overwrite the newer last.pt beside it; best.pt is written before last.pt, each renamed into place. Resume is
+exact at epoch boundaries (a run stopped mid-epoch resumes from its last finished one), with the checkpoint's
+settings: only RESUME_FLAGS may differ. Bad input: one line on stderr, exit 2 (data.InputError).
 """
-from __future__ import annotations
-
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
 import json
 import math
 import os
-import random
 import sys
 import time
 
@@ -38,711 +32,419 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import data
 import mitr
+from data import InputError
 from losses import mitr_loss
-from metrics import average_precision, format_report, multilabel_report
+from metrics import format_report, multilabel_report
 
+log = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)   # only rank 0 speaks
 
-class UsageError(Exception):
-    """A bad input the user can fix: printed as one line on stderr, exit code 2, no traceback."""
-
-
-# -----------------------------------------------------------------------------
-# Defaults. `None` in the parser means "depends on --data": the paper's recipe for COCO, VOC and
-# NUS-WIDE, a recipe tuned to finish in ~10 minutes on a 2-core CPU for the embedded Shapes default.
-
+# --- Settings that depend on --data: Section 4.1's recipe (COCO, VOC, NUS-WIDE), and the Shapes default.
 PAPER = dict(variant="s", epochs=200, batch_size=128, lr=1e-4, workers=8, ema_decay=0.9997,
              num_train=0, num_val=0, randaug=[2, 9], cutout=0.5)
 # Paper: "the initial learning rate is 1e-4", 200 epochs, batch size not given. Here: 1e-4 is
 # the one-cycle peak (ASL's max_lr), batch 128 as ASL's train.py.
 SHAPES = dict(variant="tiny", epochs=8, batch_size=64, lr=1e-3, workers=0, ema_decay=0.99,
               num_train=10000, num_val=1000, randaug=[0, 0], cutout=0.0)
-# Not from the paper: the tiny model from scratch in ~10 minutes of a 2-core CPU (80k images at
-# ~140 img/s), measured to end at mAP ~82 (README, "The embedded default"). Why each value:
+# Not from the paper: the tiny model from scratch in ~10 minutes of a 2-core CPU. Why each value:
 #  - lr 1e-3: no pretraining and 1248 steps; 2e-3 collapsed to chance after its first epoch.
-#  - no Cutout/RandAugment: 10k images seen 8 times need little regularising, and augmentation
-#    slowed learning (mAP 22 vs 44 after 6k images); data.py's Shapes default agrees.
+#  - no Cutout/RandAugment: 10k images seen 8 times need little regularising; augmented, mAP was 22 vs 44.
 #  - EMA 0.99 (~100 steps): 0.9997 averages over ~3300 steps, more than the whole run.
-#  - workers 0: drawing an image costs ~1 ms of CPU against ~12 ms for its training step; a
-#    worker process would fight the model's 2 threads for the 2 cores.
+#  - workers 0: an image costs ~1 ms to draw, ~12 ms to train on; a worker would fight for the cores.
+# A resumed run may change where and how it runs, not what (not --epochs: the one-cycle spans them all).
+RESUME_FLAGS = ["data_dir", "workers", "device", "amp", "compile", "threshold", "out", "eval_only", "resume"]
+FLAGS = dict(  # every flag: (default, help); None for those in PAPER / SHAPES; True -> --no-X
+    data=("shapes", "dataset; shapes is generated on the fly"), variant=(None, "MITr variant (Table 1)"),
+    data_dir=(None, "dataset root (README, 'Datasets', gives each layout); not for shapes"),
+    num_train=(None, "shapes: images to generate; others: use the first N (0 = all)"),
+    num_val=(None, "validation images, as --num-train"), img_size=(None, "input side (default: variant's)"),
+    randaug=(None, "RandAugment: N ops at magnitude M of 30"), cutout=(None, "Cutout probability per image"),
+    init=(None, "start from Swin weights (official or timm .pth), via mitr.load_swin"),
+    init_nonstrict=(False, "with --init: load what fits and list the rest, instead of stopping"),
+    pos_embed=(True, "Table 5: no relative position bias"), shift=(True, "Table 5: no shifted windows"),
+    cross_window=(True, "Table 5: no cross-window blocks (Eq. 3-4)"),
+    arc_sigmoid=(True, "Table 5: linear head (Eq. 11) instead of the arc sigmoid (Eq. 13)"),
+    object_token=(True, "Table 5: no object-aware token and its loss (Eq. 17)"),
+    epochs=(None, "epochs"), batch_size=(None, "GLOBAL batch, split over the processes"),
+    lr=(None, "peak lr of the one-cycle schedule"), ema_decay=(None, "EMA decay per step (0 = no EMA)"),
+    weight_decay=(1e-4, "Adam (L2) decay on weights; not norms, biases, bias tables, tokens"),
+    gamma_pos=(0.0, "ASL gamma+ (Eq. 15)"), gamma_neg=(4.0, "ASL gamma- (Eq. 16)"),
+    clip=(0.05, "ASL probability margin m (Eq. 16)"), arc_scale=(8.0, "s of the arc sigmoid (Eq. 13)"),
+    device=("auto", "auto = cuda if available, else cpu"), workers=(None, "DataLoader workers per process"),
+    amp=("auto", "autocast: auto = bf16 on CUDA, off on CPU; fp16 adds a GradScaler"),
+    compile=(False, "torch.compile for training"), seed=(0, "seed of weights, shuffling, augmentation"),
+    out=(None, "run folder, must not exist yet (default runs/<data>-<variant>-<time>-<pid>)"),
+    resume=(None, "continue a last.pt/best.pt from the end of its epoch, in a new folder, with its "
+                  "settings; only --" + ", --".join(k.replace("_", "-") for k in RESUME_FLAGS[:-1]) + " may change"),
+    eval_only=(False, "evaluate the --resume checkpoint (or --init weights); writes nothing"),
+    threshold=(0.5, "probability from which a label counts as predicted (CP ... OF1)"))
+DEFAULTS = {k: d for k, (d, _) in FLAGS.items() if k not in SHAPES}
+CHOICES = dict(data=data.DATASETS, variant=sorted(mitr.VARIANTS), device=("auto", "cuda", "cpu"),
+               amp=("auto", "bf16", "fp16", "off"))
+# The one place where numeric flags are checked: their ranges ("[a, b)": a <= v < b).
+RANGES = dict(epochs="[1, inf)", batch_size="[1, inf)", num_train="[0, inf)", num_val="[0, inf)",
+              workers="[0, inf)", seed="[0, 4294967296)", lr="(0, inf)", weight_decay="[0, inf)",
+              gamma_pos="[0, inf)", gamma_neg="[0, inf)", clip="[0, 1)", arc_scale="(0, inf)",
+              ema_decay="[0, 1)", threshold="(0, 1)", cutout="[0, 1]", randaug=("[0, inf)", "[0, 30]"))
 
-# Arguments a resumed run may change: where and how it runs, not what it computes. The first set
-# is kept from the checkpoint unless given again; the second belongs to each invocation.
-RESUME_MACHINE = {"data_dir", "workers", "device", "compile", "amp", "threshold", "log_every", "num_val"}
-RESUME_PER_CALL = {"max_steps", "eval_only", "out", "resume", "init", "init_nonstrict"}
-RESUME_FREE = RESUME_MACHINE | RESUME_PER_CALL
-
-
-def build_parser():
-    ap = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train / evaluate MITr (Cheng et al., 2021). Defaults reproduce Section 4.1 for "
-                    "--data coco|voc|nuswide; with the default --data shapes they are tuned for a "
-                    "~10-minute CPU demo: tiny variant, {epochs} epochs of {num_train} images, batch "
-                    "{batch_size}, peak lr {lr:g}, EMA {ema_decay}, no augmentation. Inference: `python "
-                    "train.py predict --checkpoint CKPT IMAGE...` (see `python train.py predict "
-                    "--help`). Many processes: `torchrun --nproc_per_node=N train.py ...`.".format(**SHAPES),
-    )
-    g = ap.add_argument_group("data")
-    g.add_argument("--data", choices=["shapes", "coco", "voc", "nuswide"], default="shapes",
-                   help="dataset; shapes is generated on the fly, no files (default %(default)s)")
-    g.add_argument("--data-dir", default=None,
-                   help="dataset root (README, 'Datasets', gives each layout); not used by shapes")
-    g.add_argument("--num-train", type=int, default=None,
-                   help=f"shapes: training images to generate (default {SHAPES['num_train']}); other "
-                        "datasets: use only the first N training images (default 0 = all)")
-    g.add_argument("--num-val", type=int, default=None,
-                   help=f"shapes: validation images (default {SHAPES['num_val']}); others: first N (0 = all)")
-    g.add_argument("--randaug", type=int, nargs=2, default=None, metavar=("N", "M"),
-                   help="RandAugment: N ops at magnitude M of 30 (default 2 9, data.py's; for shapes 0 0 = off)")
-    g.add_argument("--cutout", type=float, default=None, metavar="P",
-                   help="probability of Cutout (a half-size rectangle) per training image (default "
-                        "0.5, data.py's; for shapes 0)")
-    g.add_argument("--workers", type=int, default=None,
-                   help=f"DataLoader worker processes per process (default {SHAPES['workers']} for "
-                        f"shapes: on 2 cores a worker would compete with the model's threads; "
-                        f"{PAPER['workers']} otherwise)")
-    g = ap.add_argument_group("model (Table 1, Table 5)")
-    g.add_argument("--variant", choices=sorted(mitr.VARIANTS), default=None,
-                   help="MITr variant (default tiny for shapes, s otherwise)")
-    g.add_argument("--img-size", type=int, default=None, help="input side (default: the variant's)")
-    g.add_argument("--init", default=None, metavar="PATH",
-                   help="initialise from Swin weights (official .pth or timm state dict), via mitr.load_swin")
-    g.add_argument("--init-nonstrict", action="store_true",
-                   help="with --init: load what fits even if some checkpoint keys have no place or "
-                        "another shape (they are listed), instead of stopping")
-    for flag, what in [("pos-embed", "relative position bias"), ("shift", "shifted windows"),
-                       ("cross-window", "cross-window blocks (Eq. 3-4)"),
-                       ("arc-sigmoid", "arc-sigmoid head (Eq. 13; off = linear head, Eq. 11)"),
-                       ("object-token", "object-aware token and its loss (Eq. 17)")]:
-        g.add_argument(f"--no-{flag}", dest=flag.replace("-", "_"), action="store_false",
-                       help=f"Table 5 ablation: switch off the {what} (on by default)")
-    g = ap.add_argument_group("optimisation (Section 4.1)")
-    g.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs (default {SHAPES['epochs']} for shapes, {PAPER['epochs']} otherwise)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help=f"GLOBAL batch, split over processes (default {SHAPES['batch_size']} for "
-                        f"shapes, {PAPER['batch_size']} otherwise)")
-    g.add_argument("--lr", type=float, default=None,
-                   help=f"peak lr of the one-cycle schedule (default {SHAPES['lr']:g} for shapes, "
-                        f"{PAPER['lr']:g} otherwise)")
-    g.add_argument("--weight-decay", type=float, default=1e-4,
-                   help="Adam (L2) weight decay on weights only, not on norms, biases, position-bias "
-                        "tables, tokens (default %(default)s)")
-    g.add_argument("--gamma-pos", type=float, default=0.0, help="ASL gamma+ (Eq. 15) (default %(default)s)")
-    g.add_argument("--gamma-neg", type=float, default=4.0, help="ASL gamma- (Eq. 16) (default %(default)s)")
-    g.add_argument("--clip", type=float, default=0.05, help="ASL probability margin m (Eq. 16) (default %(default)s)")
-    g.add_argument("--arc-scale", type=float, default=8.0, help="s of the arc sigmoid (Eq. 13) (default %(default)s)")
-    g.add_argument("--ema-decay", type=float, default=None,
-                   help=f"EMA decay per step (default {SHAPES['ema_decay']} for shapes, "
-                        f"{PAPER['ema_decay']} otherwise; 0 = no EMA)")
-    g.add_argument("--max-steps", type=int, default=0,
-                   help="stop after this many optimizer steps in total (0 = run all epochs); the "
-                        "schedule still spans --epochs, the stop is evaluated and checkpointed")
-    g = ap.add_argument_group("run")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="auto (default) = cuda if available, else cpu")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast: auto (default) = bf16 on CUDA, off on CPU; fp16 uses a GradScaler")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed for weights, shuffling and augmentation (default %(default)s)")
-    g.add_argument("--out", default=None,
-                   help="run folder (default runs/<data>-<variant>-<time>); must be new or empty, "
-                        "unless it is the folder of --resume")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue from a checkpoint with its own settings (you may change only "
-                        + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_FREE - {"resume"})) + ")")
-    g.add_argument("--eval-only", action="store_true",
-                   help="evaluate the --resume checkpoint (or --init weights) on the val split; writes nothing")
-    g.add_argument("--threshold", type=float, default=0.5,
-                   help="probability from which a label counts as predicted, for CP, CR, CF1, OP, "
-                        "OR, OF1 (default %(default)s)")
-    g.add_argument("--log-every", type=int, default=0,
-                   help="progress line every N steps (default 0 = about 5 per epoch)")
-    ap.error = lambda message: _usage_error(message)      # one line, not argparse's usage dump
+def parser(prog, description):
+    """An ArgumentParser whose errors are one InputError line pointing at this command's --help."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    def error(message):
+        raise InputError(f"{message} (see python {prog} --help)")
+    ap.error = error
     return ap
 
-
-def _usage_error(message):
-    raise UsageError(f"{message} (see python train.py --help)")
-
+def check_args(args, prog="train.py"):
+    """Every numeric flag against RANGES: one InputError line."""
+    def ok(v, spec):
+        lo, hi = (float(x) for x in spec[1:-1].split(","))
+        return (lo <= v if spec[0] == "[" else lo < v) and (v <= hi if spec[-1] == "]" else v < hi)
+    for key, spec in RANGES.items():
+        v, specs = vars(args).get(key), spec if isinstance(spec, tuple) else (spec,)
+        if v is not None and not all(map(ok, v if isinstance(spec, tuple) else [v], specs)):
+            raise InputError(f"--{key.replace('_', '-')} {v} must be in {' and '.join(specs)} "
+                             f"(see python {prog} --help)")
 
 def parse_args(argv):
-    """-> (args with every default resolved, the set of flags given explicitly)."""
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    quiet = build_parser()                                # same flags, defaults None: what was typed
-    quiet.set_defaults(**{k: None for k in vars(args)})
-    explicit = {k for k, v in vars(quiet.parse_args(argv)).items() if v is not None}
-    base = SHAPES if args.data == "shapes" else PAPER
-    for k, v in base.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.img_size is None:
-        args.img_size = mitr.VARIANTS[args.variant].img_size
-    for k in ("epochs", "batch_size"):
-        if getattr(args, k) < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be at least 1")
-    if args.lr <= 0 or not 0 <= args.ema_decay < 1 or args.workers < 0 or args.max_steps < 0:
-        raise UsageError("--lr must be > 0, --ema-decay in [0, 1), --workers and --max-steps >= 0")
-    return args, explicit
-
+    """-> (args with every setting resolved, the --resume checkpoint or None). Defaults show in --help but are
+    not set (SUPPRESS): `given` holds what was typed. A flag whose default is True is turned off by --no-X."""
+    ap = parser("train.py", "Train / evaluate MITr (Cheng et al., 2021). Defaults: Section 4.1 for "
+                "--data coco|voc|nuswide, a ~10-minute CPU demo for --data shapes. Inference: `python "
+                "train.py predict --help`. Many processes: `torchrun --nproc_per_node=N train.py ...`.")
+    for k, (d, text) in FLAGS.items():
+        d = SHAPES.get(k, d)
+        kw = dict(dest=k, default=argparse.SUPPRESS)
+        if isinstance(d, bool):
+            kw["action"] = "store_false" if d else "store_true"
+        elif isinstance(d, list):
+            kw.update(type=int, nargs=2, metavar=("N", "M"))
+        else:
+            kw.update(type=int if k == "img_size" else str if d is None else type(d), choices=CHOICES.get(k))
+        if k in SHAPES:
+            text += f" (default {SHAPES[k]} for shapes, {PAPER[k]} otherwise)"
+        elif d is not None and not isinstance(d, bool):
+            text += f" (default {d})"
+        ap.add_argument(f"--{'no-' if d is True else ''}{k.replace('_', '-')}", help=text, **kw)
+    given = vars(ap.parse_args(argv))
+    ck = load_checkpoint(given["resume"]) if "resume" in given else None
+    saved = {k: v for k, v in ck["args"].items() if k not in RESUME_FLAGS} if ck else {}
+    for k in sorted(k for k in given if k in saved and given[k] != saved[k]):
+        flag = "--" + k.replace("_", "-")
+        raise InputError(f"{flag} {given[k]} differs from checkpoint {given['resume']} ({flag} {saved[k]}): "
+                         f"a resumed run keeps its settings; drop {flag}, or start a new run (--init for Swin)")
+    preset = SHAPES if saved.get("data", given.get("data", "shapes")) == "shapes" else PAPER
+    args = argparse.Namespace(**{**DEFAULTS, **preset, **saved, **given})
+    base = mitr.VARIANTS[args.variant]
+    args.img_size = base.img_size if args.img_size is None else args.img_size
+    check_args(args)
+    if not (args.img_size > 0 and mitr.valid_image_size(base, args.img_size)):
+        fits = [s for s in range(32, 1025, 32) if mitr.valid_image_size(base, s)]
+        raise InputError(f"--img-size {args.img_size} does not fit MITr-{args.variant}'s windows; sides "
+                         f"that do: {', '.join(map(str, fits[:4]))}, ... (see python train.py --help)")
+    if args.eval_only and not (args.resume or args.init):
+        raise InputError("--eval-only needs a model to evaluate: --resume CHECKPOINT or --init WEIGHTS")
+    if args.data != "shapes" and not args.data_dir:
+        raise InputError(f"--data {args.data} needs --data-dir (README, 'Datasets', gives the layout)")
+    return args, ck
 
 def model_config(args):
     """Table 1's variant with this run's resolution and Table 5's switches."""
-    cfg = dataclasses.replace(mitr.VARIANTS[args.variant], img_size=args.img_size,
-                              arc_scale=args.arc_scale, pos_embed=args.pos_embed, shift=args.shift,
-                              cross_window=args.cross_window, arc_sigmoid=args.arc_sigmoid,
-                              object_token=args.object_token)
-    if not mitr.valid_image_size(mitr.VARIANTS[args.variant], args.img_size):
-        ok = [s for s in range(32, 1025, 4) if mitr.valid_image_size(mitr.VARIANTS[args.variant], s)][:5]
-        raise UsageError(f"--img-size {args.img_size} does not fit MITr-{args.variant}'s windows; "
-                         f"sides that work: {', '.join(map(str, ok))}, ...")
-    return cfg
-
-
-# -----------------------------------------------------------------------------
-# Processes and devices
-
-def setup_distributed(args):
-    """-> (device, rank, world). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu "
-                         "or install a CUDA build of torch (README, 'GPU')")
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-        if not use_cuda and "OMP_NUM_THREADS" not in os.environ:   # processes share the cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    return device, rank, world
-
-
-def amp_dtype(args, device):
-    """The autocast dtype, or None. Paper: AMP, as ASL. Here: bf16 on CUDA (no loss scaling)."""
-    mode = args.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if mode == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs CUDA; use --amp bf16 or --amp off on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
-
-
-# -----------------------------------------------------------------------------
-# Data
-
-def build_datasets(args):
-    """-> (train, val, class names). Shapes generates its images; the others read --data-dir."""
-    if args.data != "shapes" and not args.data_dir:
-        raise UsageError(f"--data {args.data} needs --data-dir pointing at the dataset "
-                         "(README, 'Datasets', gives the layout)")
-    sets = []
-    for split, train, n in (("train", True, args.num_train), ("val", False, args.num_val)):
-        kw = {"num_images": n} if args.data == "shapes" else {}   # Shapes' own seed: one fixed dataset
-        if train:
-            kw.update(randaug_n=args.randaug[0], randaug_m=args.randaug[1], cutout_p=args.cutout)
-        ds = data.build_dataset(args.data, args.data_dir, split, args.img_size, train, **kw)
-        classes = list(ds.classes)
-        if args.data != "shapes" and n:
-            ds = Subset(ds, range(min(n, len(ds))))     # a quick look at the first n images
-        sets.append(ds)
-    return sets[0], cache(sets[1]), classes
-
-
-def cache(ds):
-    """The validation set rendered once (its transform is deterministic): Shapes draws every image
-    with Pillow, and evaluating twice per epoch (plain and EMA) would draw it twice."""
-    if not isinstance(ds, data.Shapes):
-        return ds
-    return [ds[i] for i in range(len(ds))]
-
-
-# -----------------------------------------------------------------------------
-# Model, optimizer, EMA
+    switches = ("img_size", "arc_scale", "pos_embed", "shift", "cross_window", "arc_sigmoid", "object_token")
+    return dataclasses.replace(mitr.VARIANTS[args.variant], **{k: getattr(args, k) for k in switches})
 
 def param_groups(model, weight_decay):
-    """Adam groups: decay on weight matrices / kernels only.
-
-    Paper: silent on weight decay. Here: ASL's 1e-4, as torch.optim.Adam's (coupled, L2) decay,
-    on weights only: ASL's add_weight_decay skips 1-D parameters (norms, biases); Swin's no-decay
-    list adds the relative position bias tables and learned tokens, 2-D/3-D but not weights."""
+    """Adam groups. Paper: silent on weight decay. Here: ASL's 1e-4 as Adam's (L2) decay, on weights only:
+    not norms or biases (ASL; all 1-D), nor bias tables and the token (Swin's no-decay list)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        skip = p.ndim <= 1 or name.endswith(".bias") or "relative_position_bias_table" in name \
-            or name == "object_token"
+        skip = p.ndim <= 1 or "relative_position_bias_table" in name or name == "object_token"
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+def one_cycle(step, total, peak, pct=0.2):
+    """-> (lr, Adam beta1) at step `step` (0-based) of `total`: cosine from peak/25 up to peak at step
+    pct*total - 1, then down to peak/25/1e4 at the last; beta1 0.95 -> 0.85 -> 0.95. Paper: "one-circle [41]
+    learning rate scheduler as tresnet". Here: OneCycleLR as ASL calls it, written out (fails at 5 steps)."""
+    up = pct * total - 1
+    if 0 < up and step <= up:
+        t, lr0, lr1, b0, b1 = step / up, peak / 25, peak, 0.95, 0.85
+    else:
+        t, lr0, lr1, b0, b1 = (step - up) / (total - 1 - up), peak, peak / 25 / 1e4, 0.85, 0.95
+    cos = (1 + math.cos(math.pi * t)) / 2                 # 1 -> 0 as t goes 0 -> 1
+    return lr1 + (lr0 - lr1) * cos, b1 + (b0 - b1) * cos
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ASL's ModelEma: every float entry of the state dict (parameters and buffers) moves towards
-    the model's, ema = decay * ema + (1 - decay) * model, after every optimizer step.
-    Paper: no EMA mentioned. Here: ASL's, because Section 4.1 follows its recipe; validation
-    reports both and keeps the better (as ASL's train.py)."""
+    """ema = decay * ema + (1 - decay) * model, after every step. Paper: no EMA. Here: ASL's ModelEma."""
     for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.lerp_(m, 1.0 - decay)
-        else:
-            e.copy_(m)
+        e.lerp_(m, 1.0 - decay) if e.dtype.is_floating_point else e.copy_(m)
 
+# --- Files: the run folder, checkpoints (atomic, weights_only), the log
+TMP = ".checkpoint.tmp"          # a folder's one temporary file: each checkpoint write replaces it
+CKPT_KEYS = ("model", "ema", "optimizer", "scaler", "epoch", "step", "args", "classes", "best_map", "best_of")
 
-def init_weights(model, path, strict):
-    """Section 4.1's ImageNet-pretrained start: Swin weights into the pixel-attention path
-    (mitr.load_swin) -> a few lines saying what was loaded, resized, left new."""
-    load_swin = getattr(mitr, "load_swin", None)
-    if load_swin is None:
-        raise UsageError("--init needs mitr.load_swin, which this mitr.py does not have; "
-                         "train from scratch (drop --init) or update mitr.py")
-    if not os.path.isfile(path):
-        raise UsageError(f"--init {path} does not exist; give a Swin checkpoint (.pth)")
+@contextlib.contextmanager
+def disk_errors(what):
+    """An OSError while creating or writing (full disk, read-only, a file in the way) -> one line."""
     try:
-        report = load_swin(model, path, strict=strict)
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        raise UsageError(f"--init {path}: {str(e).splitlines()[0]}") from None
-    fmt = getattr(mitr, "format_swin_report", None)
-    return fmt(report) if fmt else str({k: len(v) for k, v in report.items() if isinstance(v, list)})
+        yield
+    except OSError as e:
+        raise InputError(f"cannot write {what} ({e.strerror or e}: {e.filename}); free disk space or "
+                         "use another --out") from None
 
-
-# -----------------------------------------------------------------------------
-# Checkpoints: atomic, complete, loadable with weights_only=True
-
-def rng_state(device):
-    np_state = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
+def claim_out(args):
+    """Create the run folder by an exclusive os.mkdir, so no two runs share one (default name: time, pid)."""
+    out = args.out if args.out is not None else os.path.join(
+        "runs", f"{args.data}-{args.variant}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
+    if not out.strip() or os.path.lexists(out):
+        raise InputError(f"--out '{out}' is empty or already exists: every run needs a new folder")
+    with disk_errors(f"--out {out}"):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        os.mkdir(out)                                     # exclusive: FileExistsError if another run won
+    return out
 
 def save_checkpoint(state, path):
-    """Write to a temporary file in the same folder, then rename: the old file stays intact until
-    the new one is complete (os.replace is atomic on POSIX and Windows)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write the folder's TMP file, then rename it over `path` (atomic): the old file stays until then."""
+    tmp = os.path.join(os.path.dirname(path), TMP)
+    with disk_errors(path):
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist; give the path of a last.pt or best.pt "
-                         "written by train.py")
+def load_checkpoint(path, what="checkpoint", keys=CKPT_KEYS):
+    """torch.load(weights_only=True) -> the dict, or one InputError line naming the file."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                # truncated, not a torch file, foreign pickle
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}: truncated, not a torch "
-                         "file, or holding more than tensors and plain values); give a last.pt or "
-                         "best.pt written by train.py") from None
-    if not isinstance(ck, dict) or not {"model", "config", "classes", "args"} <= set(ck):
-        raise UsageError(f"{path} is not a train.py checkpoint (no model/config/classes/args); for "
-                         "Swin weights use --init")
+    except Exception as e:                                # missing, truncated, not torch's, foreign pickle
+        raise InputError(f"cannot read {what} {path} ({type(e).__name__}): missing, truncated, not a torch "
+                         "file, or holding more than tensors and plain values") from None
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise InputError(f"{what} {path} lacks {', '.join(missing)}: not from train.py (Swin weights: --init)")
     return ck
-
 
 def load_weights(model, state, path, what="model"):
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
-        raise UsageError(f"checkpoint {path}: its {what} weights do not fit the model it describes "
-                         f"({model.num_classes} classes; {lines[0][:160] if lines else 'state dict mismatch'}); "
-                         "use a checkpoint written by train.py for this variant, switches and dataset") from None
+    except RuntimeError as e:                             # its second line names the first misfit
+        raise InputError(f"checkpoint {path}: its {what} weights do not fit the model it describes "
+                         f"({str(e).splitlines()[1].strip()[:160]}); use one written by train.py") from None
 
+def append_jsonl(out, record):
+    with disk_errors(os.path.join(out, "log.jsonl")), open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
-# -----------------------------------------------------------------------------
-# Evaluation over the whole validation set, sharded across processes without duplicates
-
-@torch.no_grad()
-def evaluate(model, val, args, device, dtype, rank, world):
-    """-> (scores (N, K) probabilities, targets (N, K), sizes (N, K), count predictions (N,)), on
-    every rank, rows in dataset order. Rank r scores items r, r + world, ...; the shards are padded
-    to equal length for all_gather, and the padding (rows >= N) is cut off after interleaving."""
-    was_training = model.training
-    model.eval()
-    N = len(val)
-    local = list(range(rank, N, world))                   # every rank gets >= 1 item (N >= world)
-    loader = DataLoader(val, batch_size=max(1, 2 * args.batch_size // world), sampler=local,
-                        num_workers=0 if isinstance(val, list) else args.workers,
-                        pin_memory=device.type == "cuda")
-    cols = {"scores": [], "targets": [], "sizes": [], "counts": []}
-    with torch.random.fork_rng(devices=[]):               # evaluation must not move the training RNG
-        for images, targets, sizes in loader:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                class_logits, count_logits = model(images.to(device, non_blocking=True))
-            cols["scores"].append(torch.sigmoid(class_logits.float()))
-            cols["targets"].append(targets.to(device))
-            cols["sizes"].append(sizes.to(device))
-            cols["counts"].append(count_logits.argmax(-1) if count_logits is not None
-                                  else torch.full((len(images),), -1, device=device))
-    model.train(was_training)
-    out = []
-    for x in cols.values():
-        x = torch.cat(x)                                  # (n_local, ...)
-        if world > 1:
-            M = math.ceil(N / world)                      # rows per rank after padding
-            x = torch.cat([x, x.new_zeros((M - len(x),) + x.shape[1:])])   # (M, ...)
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x)
-            x = torch.stack(parts, 1).flatten(0, 1)[:N]   # (M, world, ...) -> row j*world + r = item; cut padding
-        out.append(x.cpu())
-    return out
-
-
-def report(scores, targets, sizes, counts, threshold):
-    """The metrics table (metrics.py) plus the count head's accuracy (Eq. 17's z, argmax)."""
-    has_sizes = bool((sizes > 0).any())
-    r = multilabel_report(scores, targets, threshold, sizes=sizes if has_sizes else None)
-    if (counts >= 0).all():
-        r["count_acc"] = 100.0 * float((counts == (targets == 1).sum(1)).float().mean())
-    return r
-
-
-def table(epoch_label, reports):
-    keys = [k for k in ("mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "AP_s", "AP_m", "AP_l", "count_acc")
-            if k in next(iter(reports.values()))]
-    w = max(12, len(epoch_label) + 1)
-    lines = [f"{epoch_label:<{w}}" + "".join(f"{k:>10}" for k in keys)]
-    for name, r in reports.items():
-        lines.append(f"  {name:<{w - 2}}" + "".join(f"{r[k]:>10.2f}" for k in keys))
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-def prepare_out(args):
-    """The run folder. A new run never writes into a folder holding files (no overwriting another
-    run); a resumed run continues in its checkpoint's folder (or an empty/new --out)."""
-    resume_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
-    out = args.out
-    if out is None:
-        if resume_dir:
-            return resume_dir
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = base = os.path.join("runs", f"{args.data}-{args.variant}-{stamp}")
-        n = 1
-        while os.path.exists(out):
-            n += 1
-            out = f"{base}-{n}"
-    if os.path.isdir(out) and os.listdir(out) and os.path.abspath(out) != resume_dir:
-        raise UsageError(f"--out {out} already holds files (another run?); choose a new folder, or "
-                         f"continue that run with --resume {os.path.join(out, 'last.pt')}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} is a file; give a folder")
-    return out
-
-
-def check_resume(ck, args, explicit, path):
-    """A resumed run takes its settings from the checkpoint; flags that would change what it
-    computes must be absent or equal."""
-    for k in sorted(explicit - RESUME_FREE):
-        if k in ck["args"] and ck["args"][k] != getattr(args, k):
-            flag = "--" + k.replace("_", "-")
-            raise UsageError(f"{flag} {getattr(args, k)} differs from checkpoint {path} ({flag} "
-                             f"{ck['args'][k]}, MITr-{ck['args'].get('variant')} with "
-                             f"{len(ck['classes'])} classes); drop {flag} to resume that run, or "
-                             "start a new run (with --init for Swin weights)")
-    saved = {**vars(args), **ck["args"]}                  # flags newer than the checkpoint: defaults
-    for k in explicit | RESUME_PER_CALL:
-        saved[k] = getattr(args, k)
-    return argparse.Namespace(**saved)
-
-
-def train(argv):
-    args, explicit = parse_args(argv)
-    ck = load_checkpoint(args.resume) if args.resume else None
-    if ck is not None:
-        args = check_resume(ck, args, explicit, args.resume)
-    elif args.eval_only and not args.init:
-        raise UsageError("--eval-only needs a model to evaluate: --resume CHECKPOINT (or --init WEIGHTS)")
-    out = None if args.eval_only else prepare_out(args)
-    device, rank, world = setup_distributed(args)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    dtype = amp_dtype(args, device)
+# --- Training and evaluation
+def setup(argv):
+    """Everything a run needs, as one namespace: args, processes, device, data, model, EMA, optimizer."""
+    args, ck = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))  # from torchrun
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if (args.device == "cuda" or args.amp == "fp16") and not cuda:
+        raise InputError(f"--device {args.device} --amp {args.amp}: no CUDA device (none visible to PyTorch, "
+                         "or --device cpu); use --device cpu with --amp bf16 or off")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    torch.cuda.set_device(device) if cuda else None
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        if not cuda and "OMP_NUM_THREADS" not in os.environ:   # the processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} is the global batch; make it divisible by "
-                         f"the {world} processes")
-    local_batch = args.batch_size // world
-
-    torch.manual_seed(args.seed)                          # the same initial weights on every rank
-    cfg = model_config(args)
-    train_set, val_set, classes = build_datasets(args)
+        raise InputError(f"--batch-size {args.batch_size} is the global batch: make it divisible by {world}")
+    # Paper: silent on precision. Here: bf16 autocast on CUDA (ASL: fp16 AMP; bf16 needs no scaling).
+    amp = {"auto": "bf16" if cuda and torch.cuda.is_bf16_supported() else "off"}.get(args.amp, args.amp)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]   # of autocast
+    # The val images are checked now (not after an epoch); Shapes' are drawn once (not per model and epoch).
+    sets = []
+    for split, n in (("train", args.num_train), ("val", args.num_val)):
+        ds = data.build_dataset(args.data, args.data_dir, split, args.img_size, split == "train",
+                                tuple(args.randaug), args.cutout, n if args.data == "shapes" else None)
+        sets.append(Subset(ds, range(min(n, len(ds)))) if n and args.data != "shapes" else ds)
+    data.verify_images(sets[1])
+    train_set, classes = sets[0], list(ds.classes)
+    val_set = [sets[1][i] for i in range(len(sets[1]))] if args.data == "shapes" else sets[1]
     if ck is not None and list(ck["classes"]) != classes:
-        raise UsageError(f"checkpoint {args.resume} was trained on {len(ck['classes'])} classes "
-                         f"({', '.join(ck['classes'][:3])}, ...), this data has {len(classes)}; "
-                         "resume on the same dataset")
+        raise InputError(f"checkpoint {args.resume} was trained on {len(ck['classes'])} classes, this "
+                         f"data has {len(classes)} ({', '.join(classes[:3])}, ...): resume on the same dataset")
     if len(val_set) < world:
-        raise UsageError(f"{len(val_set)} validation images for {world} processes; use more images")
-    model = mitr.MITr(cfg, len(classes))
-    if args.init and ck is None:
-        log(f"--init {args.init}\n" + init_weights(model, args.init, strict=not args.init_nonstrict))
-    model.to(device)
-    use_ema = args.ema_decay > 0 and not (args.eval_only and ck is None)   # nothing to average yet
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if use_ema else None
-
-    steps_per_epoch = len(train_set) // world // local_batch   # drop_last: equal, full batches
-    if steps_per_epoch == 0 and not args.eval_only:
-        raise UsageError(f"{len(train_set)} training images make no full batch of {args.batch_size}; "
-                         "lower --batch-size or use more images")
-    optimizer = torch.optim.Adam(param_groups(model, args.weight_decay), lr=args.lr)
-    # One-cycle (ASL: OneCycleLR, pct_start 0.2): from lr/25 up to lr over the first 20% of the
-    # steps, then cosine down to lr/25/1e4.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=max(1, args.epochs * steps_per_epoch), pct_start=0.2)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    epoch, batch_done, step, best = 0, 0, 0, -1.0
+        raise InputError(f"{len(val_set)} validation images for {world} processes; use more images")
+    torch.manual_seed(args.seed)                          # the same initial weights on every rank
+    model = mitr.MITr(model_config(args), len(classes))
     if ck is not None:
         load_weights(model, ck["model"], args.resume)
-        if ema is not None and ck.get("ema") is not None:
+    elif args.init:                                       # Section 4.1's ImageNet-pretrained start
+        swin = load_checkpoint(args.init, "--init", keys=())
+        try:
+            report = mitr.load_swin(model, swin, strict=not args.init_nonstrict)
+        except ValueError as e:
+            raise InputError(f"--init {args.init}: {e}") from None
+        log(f"--init {args.init}\n" + mitr.format_swin_report(report))
+    ema = None                                            # no EMA, or nothing to average yet
+    if args.ema_decay > 0 and not (args.eval_only and ck is None):
+        ema = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+        if ck is not None:
             load_weights(ema, ck["ema"], args.resume, "EMA")
-        if not args.eval_only:
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            set_rng_state(ck["rng"][rank] if len(ck["rng"]) == world else ck["rng"][0], device)
-        epoch, batch_done, step, best = ck["epoch"], ck["batch"], ck["step"], ck["best_map"]
-    else:                                  # per-rank augmentation randomness (shuffles: seed, epoch)
-        random.seed(args.seed + rank)
-        np.random.seed(args.seed + rank)
-        torch.manual_seed(args.seed + rank)
-
-    if args.eval_only:                                    # print the table, write nothing
-        reports, per_class, rows = validate(model, ema, val_set, args, device, dtype, rank, world)
-        log(table(f"eval {rows} images", reports))
-        log(class_line(classes, per_class, reports))
-        log(json.dumps({"kind": "eval", "checkpoint": args.resume, "val_rows": rows, **reports}))
-        return reports
-
+    optimizer = torch.optim.Adam(param_groups(model.to(device), args.weight_decay), lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if ck is not None and not args.eval_only:
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    if args.compile:
-        net = torch.compile(net)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    total = args.epochs * steps_per_epoch
-    stop = min(total, args.max_steps) if args.max_steps else total
-    every = args.log_every or max(1, steps_per_epoch // 5)
-    header = {"kind": "resume" if ck else "config", "step": step, "args": vars(args),
-              "config": dataclasses.asdict(cfg), "classes": classes, "world_size": world,
-              "device": str(device), "amp": str(dtype), "torch": torch.__version__,
-              "params": sum(p.numel() for p in model.parameters()),
-              "train_images": len(train_set), "val_images": len(val_set)}
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        append_jsonl(out, header)
-    log(f"MITr-{args.variant} ({header['params'] / 1e6:.2f}M params, {len(classes)} classes) on "
-        f"{len(train_set)} train / {len(val_set)} val images; {world} process(es) on {device}, amp "
-        f"{dtype}; {steps_per_epoch} steps/epoch x {args.epochs} epochs, from step {step}; run folder {out}")
+    return argparse.Namespace(
+        args=args, ck=ck, device=device, rank=rank, world=world, dtype=dtype, classes=classes,
+        train_set=train_set, val_set=val_set, model=model, ema=ema, optimizer=optimizer, scaler=scaler,
+        net=torch.compile(net) if args.compile else net, epoch=0 if ck is None else ck["epoch"])
 
-    clock = {"train_s": 0.0, "steps": 0, "eval_s": 0.0}   # for images/s and ETA
-    per_class = None
-    while step < stop:
-        # The epoch's order is a function of (seed, epoch); a run stopped mid-epoch skips what it did.
-        sampler.set_epoch(epoch)
-        order = list(sampler)[batch_done * local_batch:]
-        loader = DataLoader(train_set, batch_size=local_batch, sampler=order, drop_last=True,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
-        net.train()
-        t0, t_last, window, losses, cpu0 = time.time(), time.time(), [], [], time.process_time()
-        for images, targets, _ in loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                class_logits, count_logits = net(images)
-            loss, parts = mitr_loss(class_logits, count_logits, targets,             # Eq. (18)
-                                    args.gamma_pos, args.gamma_neg, args.clip)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            lr = scheduler.get_last_lr()[0]                # the lr this step used
-            scheduler.step()
-            if ema is not None:
-                ema_update(ema, model, args.ema_decay)
-            step, batch_done = step + 1, batch_done + 1
-            window.append((loss.item(), parts["asl"], parts["otl"]))
-            losses.append(window[-1][0])
-            if step % every == 0 or batch_done == steps_per_epoch or step == stop:
-                now = time.time()
-                rate = len(window) * args.batch_size / max(now - t_last, 1e-9)
-                per_step = (clock["train_s"] + now - t0) / (clock["steps"] + len(losses))
-                evals_left = math.ceil((stop - step) / steps_per_epoch) + 1
-                eta = (stop - step) * per_step + evals_left * clock["eval_s"]
-                l, a, o = np.mean(window, axis=0)
-                log(f"epoch {epoch + 1}/{args.epochs} step {step}/{stop} | loss {l:.4f} (asl {a:.3f} "
-                    f"otl {o:.3f}) | lr {lr:.2e} | {rate:.0f} img/s | "
-                    f"ETA {format_time(eta)}")
-                t_last, window = now, []
-            if step == stop:
-                break
-        train_s, cpu_s = time.time() - t0, time.process_time() - cpu0
-        clock["train_s"], clock["steps"] = clock["train_s"] + train_s, clock["steps"] + len(losses)
-        rngs = gather_objects(rng_state(device), world)   # the RNG state the next step starts from
-        finished = batch_done == steps_per_epoch
-        if finished:
-            epoch, batch_done = epoch + 1, 0
+def train_epoch(r, loader, epoch, step, total, t_start):
+    """One pass over the training data -> (step, {lr: the last step's, train_loss, train_img_per_s})."""
+    a, every, losses, t0 = r.args, max(1, len(loader) // 5), [], time.time()
+    # Randomness is a function of (seed, epoch, rank): shuffle, augmentation (workers too), stochastic depth.
+    loader.sampler.set_epoch(epoch)
+    torch.manual_seed(int(np.random.SeedSequence([a.seed, epoch, r.rank]).generate_state(1)[0]))
+    r.net.train()
+    for i, (images, targets, _) in enumerate(loader):
+        lr, beta1 = one_cycle(step, total, a.lr)
+        for g in r.optimizer.param_groups:
+            g["lr"], g["betas"] = lr, (beta1, g["betas"][1])
+        with torch.autocast(r.device.type, dtype=r.dtype or torch.float32, enabled=r.dtype is not None):
+            class_logits, count_logits = r.net(images.to(r.device, non_blocking=True))
+        loss, parts = mitr_loss(class_logits, count_logits, targets.to(r.device),       # Eq. (18)
+                                a.gamma_pos, a.gamma_neg, a.clip)
+        mean = loss.detach().clone()
+        if r.world > 1:                                   # all ranks see the same loss: all stop together
+            dist.all_reduce(mean)
+            mean /= r.world
+        if not math.isfinite(mean.item()):
+            raise InputError(f"the loss is {mean.item()} at step {step + 1} (epoch {epoch + 1}); lower "
+                             f"--lr (now {a.lr:g}) or use --amp off")
+        r.optimizer.zero_grad(set_to_none=True)
+        r.scaler.scale(loss).backward()
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+        if r.ema is not None:
+            ema_update(r.ema, r.model, a.ema_decay)
+        step += 1
+        losses.append((mean.item(), parts["asl"], parts["otl"]))
+        if (i + 1) % every == 0 or i + 1 == len(loader):
+            now, (l, asl, otl) = time.time(), np.mean(losses[-every:], axis=0)
+            eta = (now - t_start) / (step - r.epoch * len(loader)) * (total - step)  # validations included
+            log(f"epoch {epoch + 1}/{a.epochs} step {step}/{total} | loss {l:.4f} (asl {asl:.3f} otl "
+                f"{otl:.3f}) | lr {lr:.2e} | {(i + 1) * a.batch_size / (now - t0):.0f} img/s | ETA "
+                f"{datetime.timedelta(seconds=round(eta))}")
+    return step, {"lr": lr, "train_loss": float(np.mean(losses, axis=0)[0]),
+                  "train_img_per_s": len(loader) * a.batch_size / (time.time() - t0)}
 
-        t1 = time.time()
-        reports, per_class, rows = validate(model, ema, val_set, args, device, dtype, rank, world)
-        clock["eval_s"] = time.time() - t1
-        which = max(reports, key=lambda k: reports[k]["mAP"])     # ASL: the better of plain and EMA
-        score = reports[which]["mAP"]
-        if rank == 0:
-            label = f"epoch {epoch}" if finished else f"step {step}"
-            log(table(f"{label} val", reports) + f"\n  -> {which}: {format_report(reports[which])}")
-            append_jsonl(out, {"kind": "epoch", "epoch": epoch, "step": step, "finished_epoch": finished,
-                               "mAP": score, "best_of": which, "val_rows": rows,
-                               "train_loss": float(np.mean(losses)) if losses else None,
-                               "train_img_per_s": len(losses) * args.batch_size / train_s,
-                               "train_s": train_s, "train_cpu_s": cpu_s, "eval_s": clock["eval_s"],
-                               "lr": lr, **reports,
-                               "AP_per_class": dict(zip(classes, per_class[which]))})
-            state = {"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch_done, "step": step,
-                     "rng": rngs, "config": dataclasses.asdict(cfg), "args": vars(args),
-                     "classes": classes, "best_map": max(best, score), "best_of": which,
-                     "metrics": reports}
-            save_checkpoint(state, os.path.join(out, "last.pt"))
-            if score > best:
-                save_checkpoint(state, os.path.join(out, "best.pt"))
-        best = max(best, score)
-    if per_class is not None:
-        log(class_line(classes, per_class, reports))
+@torch.no_grad()
+def validate(r, title):
+    """Score the whole val set with the model and its EMA, print the table -> ({"model": report, "ema":
+    report}, the better (as ASL), rows). Rank k scores items k, k + world, ...; gathered in dataset order."""
+    index, reports = range(r.rank, len(r.val_set), r.world), {}
+    loader = DataLoader(r.val_set, 2 * r.args.batch_size // r.world, sampler=index, num_workers=r.args.workers)
+    for name, model in [(n, m.eval()) for n, m in (("model", r.model), ("ema", r.ema)) if m is not None]:
+        cols = [[], [], [], []]               # probabilities (N, K), targets, sizes (N, K), counts (N,)
+        for images, targets, sizes in loader:
+            with torch.autocast(r.device.type, dtype=r.dtype or torch.float32, enabled=r.dtype is not None):
+                class_logits, count_logits = model(images.to(r.device, non_blocking=True))
+            counts = torch.full((len(images),), -1) if count_logits is None else count_logits.argmax(-1)
+            for col, x in zip(cols, (torch.sigmoid(class_logits.float()), targets, sizes, counts)):
+                col.append(x.cpu())
+        shards = [(torch.tensor(index), [torch.cat(c) for c in cols])] * r.world
+        if r.world > 1:                       # every rank's (index, columns), in rank order
+            dist.all_gather_object(shards, shards[0])
+        order = torch.cat([i for i, _ in shards]).argsort()   # (N,): where each item's row is
+        scores, targets, sizes, counts = (torch.cat([cs[k] for _, cs in shards])[order] for k in range(4))
+        reports[name] = multilabel_report(scores, targets, r.args.threshold,
+                                          sizes=sizes if (sizes > 0).any() else None)
+        if (counts >= 0).all():                           # the count head's accuracy (Eq. 17's z, argmax)
+            reports[name]["count_acc"] = 100.0 * float((counts == (targets == 1).sum(1)).float().mean())
+    log("\n".join(f"{title} {k:>5}: {format_report(v)}" for k, v in reports.items()))
+    return reports, max(reports, key=lambda k: reports[k]["mAP"]), len(scores)
+
+def train(argv):
+    r = setup(argv)
+    a = r.args
+    if a.eval_only:                                       # print the table, write nothing
+        return validate(r, f"eval ({len(r.val_set)} images)")[0]
+    loader = DataLoader(r.train_set, a.batch_size // r.world, drop_last=True, num_workers=a.workers,
+                        sampler=DistributedSampler(r.train_set, r.world, r.rank, seed=a.seed, drop_last=True),
+                        pin_memory=r.device.type == "cuda")
+    if len(loader) == 0:
+        raise InputError(f"{len(r.train_set)} training images make no full batch of {a.batch_size}; "
+                         "lower --batch-size or use more images")
+    out = claim_out(a) if r.rank == 0 else None
+    if out and r.ck is not None and os.path.exists(os.path.join(os.path.dirname(a.resume), TMP)):
+        os.remove(os.path.join(os.path.dirname(a.resume), TMP))       # left there by a killed save
+    total, step, best, t_start = a.epochs * len(loader), r.epoch * len(loader), -1.0, time.time()
+    if out:
+        append_jsonl(out, {"kind": "resume" if r.ck else "config", "step": step, "args": vars(a),
+                           "world_size": r.world, "device": str(r.device)})
+    log(f"MITr-{a.variant} on {len(r.train_set)} train / {len(r.val_set)} val images, {r.world} process(es) "
+        f"on {r.device}; {len(loader)} steps/epoch x {a.epochs} epochs from step {step}; run folder {out}")
+    try:
+        for epoch in range(r.epoch, a.epochs):
+            step, stats = train_epoch(r, loader, epoch, step, total, t_start)
+            reports, which, rows = validate(r, f"epoch {epoch + 1} val")
+            score = reports[which]["mAP"]
+            if out:
+                append_jsonl(out, {"kind": "epoch", "epoch": epoch + 1, "step": step, "mAP": score,
+                                   "best_of": which, "val_rows": rows, **stats, **reports})
+                state = {"model": r.model.state_dict(), "ema": r.ema and r.ema.state_dict(),
+                         "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict(),
+                         "epoch": epoch + 1, "step": step, "args": vars(a), "classes": r.classes,
+                         "best_map": max(best, score), "best_of": which, "metrics": reports}
+                if score > best:          # best.pt first: last.pt never records a best that best.pt lacks
+                    save_checkpoint(state, os.path.join(out, "best.pt"))
+                save_checkpoint(state, os.path.join(out, "last.pt"))
+            best = max(best, score)
+    except (InputError, KeyboardInterrupt) as e:          # say what is left and how to go on
+        last = os.path.join(out or "", "last.pt")
+        hint = (f"the last good checkpoint is kept: continue with --resume {last}" if os.path.exists(last)
+                else f"no epoch finished, nothing to resume: start again with a new --out or delete {out}")
+        raise type(e)("; ".join(filter(None, [str(e).strip(), hint]))) from None
     log(f"done at step {step}: best val mAP {best:.2f}; checkpoints in {out}")
     return best
 
-
-def class_line(classes, per_class, reports):
-    which = max(reports, key=lambda k: reports[k]["mAP"])
-    return f"AP per class ({which}): " + ", ".join(
-        f"{c} {'-' if ap is None else f'{ap:.1f}'}" for c, ap in zip(classes, per_class[which]))
-
-
-def append_jsonl(out, record):
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def validate(model, ema, val, args, device, dtype, rank, world):
-    """-> ({"model": report, "ema": report}, {"model": AP per class, ...}, number of rows gathered)."""
-    reports, per_class, rows = {}, {}, 0
-    for name, m in (("model", model), ("ema", ema)):
-        if m is not None:
-            scores, targets, sizes, counts = evaluate(m, val, args, device, dtype, rank, world)
-            reports[name], rows = report(scores, targets, sizes, counts, args.threshold), len(scores)
-            per_class[name] = [None if math.isnan(a) else a for a in average_precision(scores, targets).tolist()]
-    return reports, per_class, rows
-
-
-def gather_objects(obj, world):
-    if world == 1:
-        return [obj]
-    objs = [None] * world
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
-def format_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-# -----------------------------------------------------------------------------
-# Inference: python train.py predict --checkpoint CKPT IMAGE...
-
+@torch.no_grad()
 def predict(argv):
-    ap = argparse.ArgumentParser(
-        prog="train.py predict",
-        description="Print, per image, the labels whose probability reaches --threshold and the "
-                    "number of classes predicted by the object-token head (argmax of Eq. 17's softmax).")
+    ap = parser("train.py predict", "Print, per image, the labels whose probability reaches --threshold "
+                "and the number of classes the object-token head predicts (argmax of Eq. 17's softmax).")
     ap.add_argument("--checkpoint", required=True, help="a last.pt / best.pt written by train.py")
-    ap.add_argument("images", nargs="+", help="image files (any format Pillow reads)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default %(default)s)")
-    ap.add_argument("--weights", choices=["best", "model", "ema"], default="best",
-                    help="best (default) = the one, plain or EMA, that scored higher at that checkpoint")
-    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                    help="auto (default) = cuda if available")
-    ap.error = lambda message: _usage_error(message)
+    ap.add_argument("images", nargs="+", help="image files (JPEG or PNG)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     args = ap.parse_args(argv)
+    check_args(args, "train.py predict")
     ck = load_checkpoint(args.checkpoint)
-    which = ck.get("best_of", "model") if args.weights == "best" else args.weights
-    if ck.get(which) is None:
-        raise UsageError(f"checkpoint {args.checkpoint} holds no {which} weights; use --weights model")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    try:
-        cfg = mitr.MITrConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"].items()})
-    except TypeError as e:
-        raise UsageError(f"checkpoint {args.checkpoint} has a config this mitr.py does not know ({e})") from None
-    classes = list(ck["classes"])
-    model = mitr.MITr(cfg, len(classes))
-    load_weights(model, ck[which], args.checkpoint, which)
-    model.to(device).eval()
-    transform = data.build_transform(cfg.img_size, train=False)
-    images = [transform(read_image(p)) for p in args.images]   # all read before any output
-    probs, counts = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            class_logits, count_logits = model(torch.stack(images[i:i + 64]).to(device))
-            probs += torch.sigmoid(class_logits.float()).cpu()
-            counts += [None] * len(class_logits) if count_logits is None else count_logits.argmax(-1).tolist()
+    saved = argparse.Namespace(**{**DEFAULTS, **ck["args"]})
+    model = mitr.MITr(model_config(saved), len(ck["classes"]))
+    load_weights(model, ck[ck["best_of"]], args.checkpoint, ck["best_of"])   # the better: plain or EMA
+    transform = data.build_transform(saved.img_size, train=False)
+    images = torch.stack([transform(data.load_image(p)) for p in args.images])   # all read first
+    class_logits, count_logits = model.eval()(images)                             # (N, K), (N, K + 1)
+    counts = [None] * len(images) if count_logits is None else count_logits.argmax(-1).tolist()
     results = []
-    for path, p, n in zip(args.images, probs, counts):
-        labels = [(classes[j], float(p[j])) for j in p.argsort(descending=True).tolist() if p[j] >= args.threshold]
+    for path, p, n in zip(args.images, torch.sigmoid(class_logits), counts):
+        labels = [(ck["classes"][j], float(p[j])) for j in p.argsort(descending=True) if p[j] >= args.threshold]
         results.append({"image": path, "labels": labels, "count": n})
         shown = ", ".join(f"{name} {q:.3f}" for name, q in labels) or "(none above threshold)"
         print(f"{path}: {shown} | predicted number of classes: {'n/a' if n is None else n}")
     return results
 
-
-def read_image(path):
-    """An upright RGB PIL image (data.load_image), or a one-line UsageError naming the file."""
-    if not os.path.isfile(path):
-        raise UsageError(f"image {path} does not exist; pass paths of image files")
-    try:
-        return data.load_image(path)
-    except data.DataError as e:
-        raise UsageError(f"{e}; pass image files that Pillow can open") from None
-
-
-# -----------------------------------------------------------------------------
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    rank = int(os.environ.get("RANK", 0))
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     try:
-        if argv[:1] == ["predict"]:
-            return predict(argv[1:])
-        return train(argv)
-    except (UsageError, data.DataError) as e:
-        if rank == 0:
-            print(f"train.py: error: {e}", file=sys.stderr)
+        return predict(argv[1:]) if argv[:1] == ["predict"] else train(argv)
+    except InputError as e:                               # one line, from a DataLoader worker too
+        log(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        if rank == 0:
-            print("train.py: interrupted; checkpoints already written are intact (last.pt = the last "
-                  "finished epoch): continue with --resume RUN/last.pt", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        log("train.py: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
