@@ -470,7 +470,7 @@ def load_swin(model: MITr, path_or_state_dict, strict: bool = True) -> dict:
     from Swin-T, -S, -B, their cross-window blocks, object token and heads fresh, because MITr's
     own ImageNet weights were never released and each variant's pixel-attention path is that Swin."""
     sd = path_or_state_dict
-    if not isinstance(sd, dict):
+    if isinstance(sd, str) or hasattr(sd, "__fspath__"):           # a path; else the object itself
         try:
             sd = torch.load(sd, map_location="cpu", weights_only=True)
         except Exception as e:                  # missing file, pickled objects, not a checkpoint
