@@ -60,11 +60,12 @@ def size_category(area, image_area=640 * 480):
     """1 small / 2 medium / 3 large for an object `area` in pixels: COCO's criterion, < 32^2 and
     < 96^2 of a ~640x480 image, scaled to an image of `image_area` pixels (0.33% and 3% of it)."""
     scale = image_area / (640 * 480)
-    return 1 if area < 32 ** 2 * scale else (2 if area < 96 ** 2 * scale else 3)
+    return 1 if area < 32**2 * scale else (2 if area < 96**2 * scale else 3)
 
 
 # ----------------------------------------------------------------------------------------------
 # Image decoding
+
 
 def load_image(path, draft_size=None):
     """Open the JPEG or PNG at `path` as an upright 8-bit RGB PIL image, or raise InputError.
@@ -74,9 +75,13 @@ def load_image(path, draft_size=None):
     up to twice that) are refused."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise InputError(f"{path} is a directory, not an image file; pass the path of a JPEG or PNG")
+        raise InputError(
+            f"{path} is a directory, not an image file; pass the path of a JPEG or PNG"
+        )
     if not os.path.isfile(path):
-        raise InputError(f"image file not found: {path}; check the path (dataset layouts: data.py's docstring)")
+        raise InputError(
+            f"image file not found: {path}; check the path (dataset layouts: data.py's docstring)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -89,10 +94,14 @@ def load_image(path, draft_size=None):
         raise InputError(f"image {path} is too large ({e}); downscale it") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
         msg = str(e).replace("\n", " ")
-        raise InputError(f"cannot decode image {path}: {type(e).__name__}: {msg} (only JPEG and "
-                         "PNG are read; a corrupt or truncated file: re-download or delete it)") from None
+        raise InputError(
+            f"cannot decode image {path}: {type(e).__name__}: {msg} (only JPEG and "
+            "PNG are read; a corrupt or truncated file: re-download or delete it)"
+        ) from None
     if img.mode.startswith("I"):  # 16-bit grey PNG: Pillow's convert clips at 255, so scale
-        img = Image.fromarray((np.asarray(img) / 257).round().astype(np.uint8))  # (H, W) 0..65535 -> 0..255
+        img = Image.fromarray(
+            (np.asarray(img) / 257).round().astype(np.uint8)
+        )  # (H, W) 0..65535 -> 0..255
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # alpha or a transparent key
         rgba, img = img.convert("RGBA"), Image.new("RGB", img.size, (255, 255, 255))
         img.paste(rgba, mask=rgba)  # over white, as a viewer shows it (not the hidden colours)
@@ -107,6 +116,7 @@ def load_image(path, draft_size=None):
 # iterator starts: torch.manual_seed(s) before iterating reproduces multi-worker loading, each
 # epoch gets fresh augmentations, and no worker_init_fn is needed (numpy's and Python's global
 # generators, which forked workers would share, are never used).
+
 
 def cutout(img, p=0.5, factor=0.5):
     """ASL's CutoutPIL: with probability p, paint a rectangle of `factor` x the image's sides, centred
@@ -126,8 +136,13 @@ _FILL = (128, 128, 128)  # colour of pixels uncovered by geometric ops (TF / tor
 
 
 def _affine(img, coeffs):
-    return img.transform(img.size, Image.Transform.AFFINE, coeffs,
-                         resample=Image.Resampling.BILINEAR, fillcolor=_FILL)
+    return img.transform(
+        img.size,
+        Image.Transform.AFFINE,
+        coeffs,
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=_FILL,
+    )
 
 
 # RandAugment's 14 operations (Cubuk et al., 2020, Table/Appendix), each f(img, v) with v the
@@ -139,7 +154,9 @@ RANDAUG_OPS = {
     "Identity": lambda img, v: img,
     "AutoContrast": lambda img, v: ImageOps.autocontrast(img),
     "Equalize": lambda img, v: ImageOps.equalize(img),
-    "Rotate": lambda img, v: img.rotate(30.0 * v, resample=Image.Resampling.BILINEAR, fillcolor=_FILL),
+    "Rotate": lambda img, v: img.rotate(
+        30.0 * v, resample=Image.Resampling.BILINEAR, fillcolor=_FILL
+    ),
     "Solarize": lambda img, v: ImageOps.solarize(img, 255.0 * (1.0 - abs(v))),
     "Color": lambda img, v: ImageEnhance.Color(img).enhance(1.0 + 0.9 * v),
     "Posterize": lambda img, v: ImageOps.posterize(img, 8 - int(round(4 * abs(v)))),
@@ -182,11 +199,18 @@ class Transform:
     RandAugment (ASL's order), tensor + ImageNet normalisation. img_size also bounds JPEG drafts."""
 
     def __init__(self, img_size, train, randaug=(2, 9), cutout=0.5):
-        self.img_size, self.train, self.randaug, self.cutout = int(img_size), bool(train), tuple(randaug), cutout
+        self.img_size, self.train, self.randaug, self.cutout = (
+            int(img_size),
+            bool(train),
+            tuple(randaug),
+            cutout,
+        )
 
     def __call__(self, img):
         img = img.resize((self.img_size, self.img_size), Image.Resampling.BILINEAR)  # a new image
-        return to_tensor(rand_augment(cutout(img, self.cutout), *self.randaug) if self.train else img)
+        return to_tensor(
+            rand_augment(cutout(img, self.cutout), *self.randaug) if self.train else img
+        )
 
 
 def build_transform(img_size, train, randaug=(2, 9), cutout=0.5):
@@ -197,6 +221,7 @@ def build_transform(img_size, train, randaug=(2, 9), cutout=0.5):
 
 # ----------------------------------------------------------------------------------------------
 # Datasets on disk: one reader per format, returning (files, targets, sizes, classes)
+
 
 class ImageFiles(Dataset):
     """Image i is the file files[i] (numpy strings: forked workers share them without
@@ -225,11 +250,11 @@ def verify_images(dataset):
 
 LAYOUTS = {
     "coco": "ROOT/annotations/instances_{train,val}2014.json and ROOT/{train,val}2014/*.jpg from "
-            "https://cocodataset.org/#download (2014 Train/Val images and annotations)",
+    "https://cocodataset.org/#download (2014 Train/Val images and annotations)",
     "voc": "VOCdevkit/VOC2007/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/{trainval,test}.txt} "
-           "from VOCtrainval_06-Nov-2007.tar + VOCtest_06-Nov-2007.tar (host.robots.ox.ac.uk/pascal/VOC/voc2007)",
+    "from VOCtrainval_06-Nov-2007.tar + VOCtest_06-Nov-2007.tar (host.robots.ox.ac.uk/pascal/VOC/voc2007)",
     "nuswide": "ROOT/nus_wid_data.csv (ASL's: a header, then rows filepath,label,split_name like "
-               "images/1.jpg,\"['clouds', 'sky']\",train) and the images at ROOT/<filepath>",
+    "images/1.jpg,\"['clouds', 'sky']\",train) and the images at ROOT/<filepath>",
 }
 
 
@@ -239,8 +264,13 @@ def _read_text(path, name):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeError) as e:
-        raise _bad(name, path, "not found" if isinstance(e, FileNotFoundError) else
-                   f"unreadable ({type(e).__name__}: {e})") from None
+        raise _bad(
+            name,
+            path,
+            "not found"
+            if isinstance(e, FileNotFoundError)
+            else f"unreadable ({type(e).__name__}: {e})",
+        ) from None
 
 
 def _bad(name, path, problem):
@@ -272,7 +302,9 @@ def read_coco(root, split):
                 raise _bad("coco", path, f"annotation {a.get('id')} names an unlisted {what}")
             if a.get("area") is None and len(a.get("bbox") or ()) != 4:
                 raise _bad("coco", path, f"annotation {a.get('id')} has neither an area nor a bbox")
-            area = a["area"] if a.get("area") is not None else a["bbox"][2] * a["bbox"][3]  # the box's
+            area = (
+                a["area"] if a.get("area") is not None else a["bbox"][2] * a["bbox"][3]
+            )  # the box's
             target[i, k] = 1
             sizes[i, k] = max(sizes[i, k], size_category(float(area)))  # the larger size wins
         files = [os.path.join(root, f"{split}2014", str(img["file_name"])) for img in d["images"]]
@@ -282,17 +314,40 @@ def read_coco(root, split):
     return np.array(files)[keep], target[keep], sizes[keep], [name for _, name in cats]
 
 
-VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor"]
+VOC_CLASSES = [
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 
 
 def read_voc(root, split):
     """Pascal VOC 2007, 20 classes in the standard order; train = trainval, val = test; root is
     VOCdevkit or VOC2007. sizes: box areas (1-based inclusive pixels) by COCO's thresholds (VOC
     images are ~500x375, COCO's scale; boxes exceed COCO's segment areas: VOC sizes lean larger)."""
-    base = root if os.path.isdir(os.path.join(root, "Annotations")) else os.path.join(root, "VOC2007")
-    list_file = os.path.join(base, "ImageSets", "Main", ("trainval" if split == "train" else "test") + ".txt")
+    base = (
+        root if os.path.isdir(os.path.join(root, "Annotations")) else os.path.join(root, "VOC2007")
+    )
+    list_file = os.path.join(
+        base, "ImageSets", "Main", ("trainval" if split == "train" else "test") + ".txt"
+    )
     ids = _read_text(list_file, "voc").split()
     # Paper: silent on difficult objects. Here: ML-GCN's protocol (ML-GCN is a row of Table 3):
     # the devkit's <class>_<split>.txt marks a class 1 (a non-difficult object), 0 (difficult
@@ -305,7 +360,9 @@ def read_voc(root, split):
     for i, image_id in enumerate(ids):
         path = os.path.join(base, "Annotations", f"{image_id}.xml")
         text = _read_text(path, "voc")
-        if "<!DOCTYPE" in text or "<!ENTITY" in text:  # none in VOC; refuses entity expansion tricks
+        if (
+            "<!DOCTYPE" in text or "<!ENTITY" in text
+        ):  # none in VOC; refuses entity expansion tricks
             raise _bad("voc", path, "DOCTYPE/ENTITY declarations are not accepted")
         try:
             objects = ET.fromstring(text).findall("object")
@@ -314,12 +371,19 @@ def read_voc(root, split):
         for obj in objects:
             name = (obj.findtext("name") or "").strip()
             if name not in k_of:
-                raise _bad("voc", path, f"unknown class {name!r} (not one of the 20 VOC2007 classes)")
+                raise _bad(
+                    "voc", path, f"unknown class {name!r} (not one of the 20 VOC2007 classes)"
+                )
             try:
-                x0, y0, x1, y1 = (float(obj.find("bndbox").findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+                x0, y0, x1, y1 = (
+                    float(obj.find("bndbox").findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")
+                )
             except (AttributeError, TypeError, ValueError):
-                raise _bad("voc", path, f"a {name!r} object without a <bndbox> of numeric xmin, ymin, "
-                           "xmax, ymax") from None
+                raise _bad(
+                    "voc",
+                    path,
+                    f"a {name!r} object without a <bndbox> of numeric xmin, ymin, xmax, ymax",
+                ) from None
             k = k_of[name]
             if (obj.findtext("difficult") or "0").strip() == "1":
                 target[i, k] = target[i, k] or -1  # -1 unless a non-difficult one made it 1
@@ -349,12 +413,18 @@ def read_nuswide(root, split):
         raise _bad("nuswide", path, f"line {reader.line_num}: {type(e).__name__}: {msg}") from None
     classes = sorted({c for _, names, _ in rows for c in names})
     index = {c: k for k, c in enumerate(classes)}
-    rows = [(os.path.join(root, rel), names) for rel, names, part in rows
-            if part in {"train": ("train",), "val": ("val", "test")}[split]]
+    rows = [
+        (os.path.join(root, rel), names)
+        for rel, names, part in rows
+        if part in {"train": ("train",), "val": ("val", "test")}[split]
+    ]
     found = [(f, names) for f, names in rows if os.path.isfile(f)]
     if 0 < len(found) < len(rows):
-        warnings.warn(f"NUS-WIDE {split}: {len(rows) - len(found)} of {len(rows)} listed images are "
-                      f"missing under {root} and were skipped", stacklevel=3)
+        warnings.warn(
+            f"NUS-WIDE {split}: {len(rows) - len(found)} of {len(rows)} listed images are "
+            f"missing under {root} and were skipped",
+            stacklevel=3,
+        )
     target = np.zeros((len(found), len(classes)), np.int8)  # (N, K)
     for i, (_, names) in enumerate(found):
         target[i, [index[c] for c in names]] = 1
@@ -377,17 +447,40 @@ def read_nuswide(root, split):
 # because its images are fresh, Cutout's random-colour rectangles look like the square class, and
 # Solarize/Equalize/Color scramble the class hues (measured: mAP 80 without, 21 = chance with).
 
-SHAPE_CLASSES = ["circle", "ring", "square", "dotted_square", "triangle", "hexagon",
-                 "star", "moon", "plus", "bar", "arrow", "dot"]
+SHAPE_CLASSES = [
+    "circle",
+    "ring",
+    "square",
+    "dotted_square",
+    "triangle",
+    "hexagon",
+    "star",
+    "moon",
+    "plus",
+    "bar",
+    "arrow",
+    "dot",
+]
 # A hue per class, as real categories have typical colours (+-0.03, random saturation and value);
 # a similar pair shares its hue. dot is near-white, like a ball, brighter than the grey specks.
-SHAPE_HUES = {"circle": 0.0, "ring": 0.0, "square": 0.62, "dotted_square": 0.62, "triangle": 0.33,
-              "hexagon": 0.08, "star": 0.15, "moon": 0.5, "plus": 0.83, "bar": 0.74, "arrow": 0.25,
-              "dot": None}
+SHAPE_HUES = {
+    "circle": 0.0,
+    "ring": 0.0,
+    "square": 0.62,
+    "dotted_square": 0.62,
+    "triangle": 0.33,
+    "hexagon": 0.08,
+    "star": 0.15,
+    "moon": 0.5,
+    "plus": 0.83,
+    "bar": 0.74,
+    "arrow": 0.25,
+    "dot": None,
+}
 SIMILAR_PAIRS = [("circle", "ring"), ("square", "dotted_square")]
 COOCCURRENCE = [("bar", "dot", 0.8), ("star", "moon", 0.8)]  # (A, B, P(B | A))
 _RULED = {c for a, b, _ in COOCCURRENCE for c in (a, b)}
-SHAPES_VAL_OFFSET = 10 ** 9  # index_offset of the "val" split: never overlaps "train"
+SHAPES_VAL_OFFSET = 10**9  # index_offset of the "val" split: never overlaps "train"
 
 # Instance sizes for everything but "dot": probability, area range as a fraction of the image
 # (COCO's thresholds are 0.0033 and 0.030); the number of independently drawn classes.
@@ -400,7 +493,10 @@ def _ngon(n, inner=None, dy=0.0):
     """Unit-radius regular n-gon pointing up, or an n-pointed star with inner radius `inner`."""
     k = 2 * n if inner else n
     rad = [inner if inner and i % 2 else 1.0 for i in range(k)]
-    return [(r * math.sin(2 * math.pi * i / k), dy - r * math.cos(2 * math.pi * i / k)) for i, r in enumerate(rad)]
+    return [
+        (r * math.sin(2 * math.pi * i / k), dy - r * math.cos(2 * math.pi * i / k))
+        for i, r in enumerate(rad)
+    ]
 
 
 _SQUARE = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
@@ -408,12 +504,33 @@ _T = 0.33  # half-width of the plus's arms
 # Outlines in units of the radius (y down) and how strongly each turns with the drawn angle
 # (bar and arrow take any direction). Shapes absent here are discs.
 _OUTLINES = {
-    "square": (_SQUARE, 1), "dotted_square": (_SQUARE, 1), "triangle": (_ngon(3, dy=0.15), 1),
-    "hexagon": (_ngon(6), 1), "star": (_ngon(5, inner=0.45), 1),
-    "plus": ([(-_T, -1), (_T, -1), (_T, -_T), (1, -_T), (1, _T), (_T, _T), (_T, 1), (-_T, 1),
-              (-_T, _T), (-1, _T), (-1, -_T), (-_T, -_T)], 1),
+    "square": (_SQUARE, 1),
+    "dotted_square": (_SQUARE, 1),
+    "triangle": (_ngon(3, dy=0.15), 1),
+    "hexagon": (_ngon(6), 1),
+    "star": (_ngon(5, inner=0.45), 1),
+    "plus": (
+        [
+            (-_T, -1),
+            (_T, -1),
+            (_T, -_T),
+            (1, -_T),
+            (1, _T),
+            (_T, _T),
+            (_T, 1),
+            (-_T, 1),
+            (-_T, _T),
+            (-1, _T),
+            (-1, -_T),
+            (-_T, -_T),
+        ],
+        1,
+    ),
     "bar": ([(-1, -0.28), (1, -0.28), (1, 0.28), (-1, 0.28)], 8),
-    "arrow": ([(-1, -0.2), (0.1, -0.2), (0.1, -0.55), (1, 0), (0.1, 0.55), (0.1, 0.2), (-1, 0.2)], 8),
+    "arrow": (
+        [(-1, -0.2), (0.1, -0.2), (0.1, -0.55), (1, 0), (0.1, 0.55), (0.1, 0.2), (-1, 0.2)],
+        8,
+    ),
 }
 _HOLES = {"ring": (0.6, 0.0), "dotted_square": (0.42, 0.0), "moon": (0.85, 0.5)}  # radius, offset
 
@@ -427,7 +544,9 @@ def _shape_mask(name, d, rot):
     if name in _OUTLINES:
         pts, spin = _OUTLINES[name]
         cs, sn = math.cos(spin * rot), math.sin(spin * rot)
-        g.polygon([(c + r * (x * cs - y * sn), c + r * (x * sn + y * cs)) for x, y in pts], fill=255)
+        g.polygon(
+            [(c + r * (x * cs - y * sn), c + r * (x * sn + y * cs)) for x, y in pts], fill=255
+        )
     else:
         g.ellipse([c - r, c - r, c + r, c + r], fill=255)
     if name in _HOLES:  # the moon's bite comes from any side
@@ -440,7 +559,7 @@ def _shape_mask(name, d, rot):
 @functools.lru_cache(maxsize=None)
 def _fill(name):
     """Drawn area of a shape / d^2, measured once at d = 200."""
-    return float(np.asarray(_shape_mask(name, 200.0, 0.0), np.float64).sum()) / 255.0 / 200.0 ** 2
+    return float(np.asarray(_shape_mask(name, 200.0, 0.0), np.float64).sum()) / 255.0 / 200.0**2
 
 
 def _rgb(h, s, v):
@@ -501,7 +620,10 @@ class Shapes(Dataset):
                 d *= 0.75 if t in (30, 60) and name != "dot" else 1.0
                 m = math.ceil(d) + 2
                 x, y = int(rng.random() * (s - m + 1)), int(rng.random() * (s - m + 1))
-                if all(x + m < b[0] or b[2] < x or y + m < b[1] or b[3] < y for b in (o["box"] for o in objects)):
+                if all(
+                    x + m < b[0] or b[2] < x or y + m < b[1] or b[3] < y
+                    for b in (o["box"] for o in objects)
+                ):
                     box = (x, y, x + m, y + m)
                     break
             if box is None:
@@ -509,26 +631,53 @@ class Shapes(Dataset):
             mask = _shape_mask(name, d, rot)
             area = float(np.asarray(mask, np.float32).sum() / 255.0)
             hue = SHAPE_HUES[name]
-            colour = (_rgb(rng.random(), rng.uniform(0.0, 0.15), rng.uniform(0.93, 1.0)) if hue is None else
-                      _rgb((hue + rng.uniform(-0.03, 0.03)) % 1.0, rng.uniform(0.55, 1.0), rng.uniform(0.7, 1.0)))
-            objects.append(dict(name=name, k=self.classes.index(name), box=box, area=area,
-                                size=size_category(area, s * s), colour=colour, mask=mask))
+            colour = (
+                _rgb(rng.random(), rng.uniform(0.0, 0.15), rng.uniform(0.93, 1.0))
+                if hue is None
+                else _rgb(
+                    (hue + rng.uniform(-0.03, 0.03)) % 1.0,
+                    rng.uniform(0.55, 1.0),
+                    rng.uniform(0.7, 1.0),
+                )
+            )
+            objects.append(
+                dict(
+                    name=name,
+                    k=self.classes.index(name),
+                    box=box,
+                    area=area,
+                    size=size_category(area, s * s),
+                    colour=colour,
+                    mask=mask,
+                )
+            )
         return objects
 
     def _render(self, objects, rng):
         s = self.img_size
-        noise = np.random.default_rng(rng.getrandbits(64)).standard_normal((s, s, 3), dtype=np.float32)
+        noise = np.random.default_rng(rng.getrandbits(64)).standard_normal(
+            (s, s, 3), dtype=np.float32
+        )
         # background: a linear gradient between two dull colours, plus pixel noise
-        c0, c1 = (np.array(_rgb(rng.random(), rng.uniform(0, 0.35), rng.uniform(0.15, 0.5)), np.float32)
-                  for _ in range(2))
+        c0, c1 = (
+            np.array(_rgb(rng.random(), rng.uniform(0, 0.35), rng.uniform(0.15, 0.5)), np.float32)
+            for _ in range(2)
+        )
         a, u = rng.uniform(0, 2 * math.pi), self._u
-        t = np.clip(0.5 + math.cos(a) * u[None, :] + math.sin(a) * u[:, None], 0, 1)[:, :, None]  # (s, s, 1)
-        img = Image.fromarray(np.clip(c0 * (1 - t) + c1 * t + 8.0 * noise, 0, 255).astype(np.uint8))  # (s, s, 3)
+        t = np.clip(0.5 + math.cos(a) * u[None, :] + math.sin(a) * u[:, None], 0, 1)[
+            :, :, None
+        ]  # (s, s, 1)
+        img = Image.fromarray(
+            np.clip(c0 * (1 - t) + c1 * t + 8.0 * noise, 0, 255).astype(np.uint8)
+        )  # (s, s, 3)
         g = ImageDraw.Draw(img)
         for _ in range(rng.randint(3, 7)):  # clutter: thin low-contrast lines
             col = _rgb(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.3, 0.65))
-            g.line([(rng.random() * s, rng.random() * s), (rng.random() * s, rng.random() * s)],
-                   fill=col, width=max(1, round(s / 96)))
+            g.line(
+                [(rng.random() * s, rng.random() * s), (rng.random() * s, rng.random() * s)],
+                fill=col,
+                width=max(1, round(s / 96)),
+            )
         for _ in range(rng.randint(0, 2)):  # "suspicious dots": dim grey specks, not the class dot
             col, r = _rgb(0, 0, rng.uniform(0.45, 0.7)), rng.uniform(1.0, 1.6) * s / 96
             x, y = rng.random() * s, rng.random() * s
@@ -565,16 +714,24 @@ def build_dataset(name, root, split, img_size, train, randaug=(2, 9), cutout=0.5
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in ("train", "val"):
-        raise InputError(f"{name}: unknown split {split!r}; use 'train' or 'val' (val = the split the "
-                         "paper evaluates on)")
+        raise InputError(
+            f"{name}: unknown split {split!r}; use 'train' or 'val' (val = the split the "
+            "paper evaluates on)"
+        )
     transform = build_transform(img_size, train, randaug, cutout)
     if name == "shapes":
         n = num_images or (20000 if split == "train" else 2000)
-        return Shapes(n, img_size, 0, transform, index_offset=0 if split == "train" else SHAPES_VAL_OFFSET)
+        return Shapes(
+            n, img_size, 0, transform, index_offset=0 if split == "train" else SHAPES_VAL_OFFSET
+        )
     if not root or not os.path.isdir(root):
-        raise InputError(f"{name}: data folder {root!r} not found (--data-dir); expected {LAYOUTS[name]}")
+        raise InputError(
+            f"{name}: data folder {root!r} not found (--data-dir); expected {LAYOUTS[name]}"
+        )
     files, targets, sizes, classes = _READERS[name](os.fspath(root), split)
     if not classes or not len(files):
-        raise InputError(f"{name}: {root} gives {len(classes)} classes and {len(files)} {split} images "
-                         f"on disk, so nothing to train on; expected {LAYOUTS[name]}")
+        raise InputError(
+            f"{name}: {root} gives {len(classes)} classes and {len(files)} {split} images "
+            f"on disk, so nothing to train on; expected {LAYOUTS[name]}"
+        )
     return ImageFiles(files, targets, sizes, classes, transform)

@@ -85,7 +85,9 @@ def object_token_loss(count_logits, y):
     return F.cross_entropy(count_logits, z, reduction="none")  # Eq. (17): -log softmax(.)_z
 
 
-def mitr_loss(class_logits, count_logits, y, gamma_pos=0.0, gamma_neg=4.0, m=0.05, *, detach_focus=True):
+def mitr_loss(
+    class_logits, count_logits, y, gamma_pos=0.0, gamma_neg=4.0, m=0.05, *, detach_focus=True
+):
     """Eq. (18) averaged over the batch: (loss, {"asl": mean ASL_i, "otl": mean OTL_i}).
 
     class_logits (B, n), the head's s cos theta; count_logits (B, n + 1), or None for a model without
@@ -98,11 +100,16 @@ def mitr_loss(class_logits, count_logits, y, gamma_pos=0.0, gamma_neg=4.0, m=0.0
     Adam is invariant to a constant loss scale up to its eps, except against its coupled L2
     weight_decay, which with ASL's sum is B times weaker relative to the data term.
     """
+
     def fp32(t):
         return t.to(torch.promote_types(t.dtype, torch.float32))
 
     asl = asymmetric_loss(fp32(class_logits), y, gamma_pos, gamma_neg, m, detach_focus=detach_focus)
-    otl = torch.zeros_like(asl) if count_logits is None else object_token_loss(fp32(count_logits), y)
+    otl = (
+        torch.zeros_like(asl) if count_logits is None else object_token_loss(fp32(count_logits), y)
+    )
     L = asl + otl  # Eq. (18), (B,)
-    asl_mean, otl_mean = torch.stack([asl.detach().mean(), otl.detach().mean()]).tolist()  # one host sync
+    asl_mean, otl_mean = torch.stack(
+        [asl.detach().mean(), otl.detach().mean()]
+    ).tolist()  # one host sync
     return L.mean(), {"asl": asl_mean, "otl": otl_mean}

@@ -63,8 +63,10 @@ def _check(scores, targets, sizes=None):
         raise ValueError("targets must be 1 (present), 0 (absent) or -1 (ignore); got other values")
     Z = None if sizes is None else _as_array(sizes)
     if Z is not None and (Z.shape != T.shape or not np.isin(Z, (0, 1, 2, 3)).all()):
-        raise ValueError(f"sizes must have the targets' shape {T.shape} and values 0 (absent), "
-                         "1 (small), 2 (medium) or 3 (large)")
+        raise ValueError(
+            f"sizes must have the targets' shape {T.shape} and values 0 (absent), "
+            "1 (small), 2 (medium) or 3 (large)"
+        )
     return S, T, Z
 
 
@@ -75,16 +77,22 @@ def _rank(S):
     order = np.argsort(-St, axis=1)  # any order inside a tie: ties are grouped below
     s = np.take_along_axis(St, order, axis=1)  # (K, N), descending
     K, N = s.shape
-    closes = np.concatenate([s[:, 1:] != s[:, :-1], np.ones((K, 1), bool)], axis=1)  # rank ends a group
+    closes = np.concatenate(
+        [s[:, 1:] != s[:, :-1], np.ones((K, 1), bool)], axis=1
+    )  # rank ends a group
     group_end = np.where(closes, np.arange(N), N)  # (K, N)
-    group_end = np.minimum.accumulate(group_end[:, ::-1], axis=1)[:, ::-1]  # first group end at or after
+    group_end = np.minimum.accumulate(group_end[:, ::-1], axis=1)[
+        :, ::-1
+    ]  # first group end at or after
     return order, group_end
 
 
 def _ap(T, ranking, voc11=False):
     """AP (K,) in percent from targets T (N, K) and a ranking from _rank; NaN without positives."""
     order, group_end = ranking
-    t = np.take_along_axis(np.ascontiguousarray(T.T), order, axis=1)  # (N, K) -> (K, N) in rank order
+    t = np.take_along_axis(
+        np.ascontiguousarray(T.T), order, axis=1
+    )  # (N, K) -> (K, N) in rank order
 
     def count_to_group_end(hit):  # (K, N): hits at or above each rank, its whole tie group included
         return np.take_along_axis(np.cumsum(hit, axis=1, dtype=np.int32), group_end, axis=1)
@@ -96,7 +104,9 @@ def _ap(T, ranking, voc11=False):
         recall = tp / np.maximum(n_pos, 1)[:, None]  # (K, N), in float64 like the devkit's
         ap = sum(np.where(recall >= r, precision, 0.0).max(axis=1) for r in VOC11_GRID) / 11
     else:
-        ap = (precision * (t == 1)).sum(axis=1) / np.maximum(n_pos, 1)  # mean precision at positives
+        ap = (precision * (t == 1)).sum(axis=1) / np.maximum(
+            n_pos, 1
+        )  # mean precision at positives
     return np.where(n_pos > 0, 100 * ap, np.nan)
 
 
@@ -123,17 +133,30 @@ def multilabel_report(scores, targets, threshold=0.5, sizes=None):
     ranking = _rank(S)
     ap = _ap(T, ranking)
     pred, pos = (S >= threshold) & (T != -1), T == 1
-    Nc, Np, Ng = (pred & pos).sum(0), pred.sum(0), pos.sum(0)  # (K,) correct, predicted, ground truth
+    Nc, Np, Ng = (
+        (pred & pos).sum(0),
+        pred.sum(0),
+        pos.sum(0),
+    )  # (K,) correct, predicted, ground truth
     has = Ng > 0
     CP = _mean(Nc[has] / np.maximum(Np[has], 1))  # never predicted: precision 0
     CR = _mean(Nc[has] / Ng[has])
     OP = Nc.sum() / max(Np.sum(), 1)
     OR = Nc.sum() / Ng.sum() if Ng.sum() else float("nan")
-    report = {"mAP": _mean(ap), "CP": 100 * CP, "CR": 100 * CR, "CF1": 100 * _f1(CP, CR),
-              "OP": 100 * OP, "OR": 100 * OR, "OF1": 100 * _f1(OP, OR)}
+    report = {
+        "mAP": _mean(ap),
+        "CP": 100 * CP,
+        "CR": 100 * CR,
+        "CF1": 100 * _f1(CP, CR),
+        "OP": 100 * OP,
+        "OR": 100 * OR,
+        "OF1": 100 * _f1(OP, OR),
+    }
     if Z is not None:
         for c, key in SIZES.items():
-            T_c = np.where(pos & (Z != c), -1, T)  # present at another size: left out of the ranking
+            T_c = np.where(
+                pos & (Z != c), -1, T
+            )  # present at another size: left out of the ranking
             report[key] = _mean(_ap(T_c, ranking))
     report = {k: float(v) for k, v in report.items()}
     report["AP_per_class"] = ap.tolist()
@@ -145,6 +168,8 @@ def format_report(report):
     Keys outside the standard groups (e.g. a count accuracy) come last; lists are left out."""
     groups = [("mAP",), ("CP", "CR", "CF1"), ("OP", "OR", "OF1"), ("AP_s", "AP_m", "AP_l")]
     known = {k for g in groups for k in g}
-    groups.append(tuple(k for k, v in report.items() if k not in known and isinstance(v, (int, float))))
+    groups.append(
+        tuple(k for k, v in report.items() if k not in known and isinstance(v, (int, float)))
+    )
     parts = [" ".join(f"{k} {report[k]:.2f}" for k in g if k in report) for g in groups]
     return " | ".join(p for p in parts if p)

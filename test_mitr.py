@@ -1,5 +1,6 @@
 """The test suite: the model (Section 3.1), its cost and load_swin, losses and metrics (Section 3.2,
 4.1), data, training, notebooks. Run: python -m pytest -q"""
+
 import argparse
 import copy
 import dataclasses
@@ -27,10 +28,16 @@ import data
 import mitr
 import train
 from data import InputError
-from losses import asl_negative, asl_positive, asymmetric_loss, bce_loss, mitr_loss, object_token_loss
+from losses import (
+    asl_negative,
+    asl_positive,
+    asymmetric_loss,
+    bce_loss,
+    mitr_loss,
+    object_token_loss,
+)
 from metrics import VOC11_GRID, average_precision, format_report, multilabel_report
-from mitr import MITr, MITrConfig, VARIANTS, format_swin_report, load_swin
-
+from mitr import VARIANTS, MITr, MITrConfig, format_swin_report, load_swin
 
 # =============================================================================
 # mitr.py
@@ -50,15 +57,24 @@ def test_model_same_seed_same_start_across_table5_switches():
     # Paired ablations: for one seed, switching off later parts (cross-window blocks, token, arc
     # head) leaves every weight the models share equal, so differences come from the parts alone.
     full = _model_tiny().state_dict()
-    for off in (dict(object_token=False, arc_sigmoid=False),
-                dict(cross_window=False, object_token=False, arc_sigmoid=False)):
+    for off in (
+        dict(object_token=False, arc_sigmoid=False),
+        dict(cross_window=False, object_token=False, arc_sigmoid=False),
+    ):
         other = _model_tiny(**off).state_dict()
-        shared = [k for k in other if k in full and other[k].shape == full[k].shape and k != "head.weight"]
+        shared = [
+            k for k in other if k in full and other[k].shape == full[k].shape and k != "head.weight"
+        ]
         assert len(shared) >= len(other) - 2
-        assert all(torch.equal(other[k], full[k]) for k in shared), [k for k in shared if not torch.equal(other[k], full[k])][:3]
-    assert not torch.equal(_model_tiny().state_dict()["stages.0.pixel_blocks.0.pixel_attention.qkv.weight"],
-                           (torch.manual_seed(1), MITr(VARIANTS["tiny"], 5))[1].state_dict()[
-                               "stages.0.pixel_blocks.0.pixel_attention.qkv.weight"])   # the seed matters
+        assert all(torch.equal(other[k], full[k]) for k in shared), [
+            k for k in shared if not torch.equal(other[k], full[k])
+        ][:3]
+    assert not torch.equal(
+        _model_tiny().state_dict()["stages.0.pixel_blocks.0.pixel_attention.qkv.weight"],
+        (torch.manual_seed(1), MITr(VARIANTS["tiny"], 5))[1].state_dict()[
+            "stages.0.pixel_blocks.0.pixel_attention.qkv.weight"
+        ],
+    )  # the seed matters
 
 
 @pytest.mark.parametrize("variant", ["tiny", "s", "m", "l"])
@@ -97,7 +113,7 @@ def _changed_pixels(block, H, W, pixel):
     torch.manual_seed(1)
     x = torch.randn(1, H * W, block.norm1.normalized_shape[0])
     y = x.clone()
-    y[0, pixel[0] * W + pixel[1]] += 5.0 * torch.randn(x.shape[-1])   # not constant: LN removes that
+    y[0, pixel[0] * W + pixel[1]] += 5.0 * torch.randn(x.shape[-1])  # not constant: LN removes that
     with torch.no_grad():
         a, _ = block(x, H, W)
         b, _ = block(y, H, W)
@@ -129,18 +145,20 @@ def test_model_pixel_attention_matches_naive_loop():
     attn = mitr.PixelAttention(C, ws, heads).eval()
     with torch.no_grad():
         attn.relative_position_bias_table.normal_()
-    mask = mitr.shifted_window_mask(H, W, ws, 1)                  # (nW, N, N)
+    mask = mitr.shifted_window_mask(H, W, ws, 1)  # (nW, N, N)
     windows = torch.randn(B * 4, ws * ws, C)
     token = torch.randn(B, 1, C)
     with torch.no_grad():
         out, tok = attn(windows, B, mask, token)
         # naive: each image, window and head on its own, the token appended to each window
         N, d = ws * ws, C // heads
-        bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(N, N, heads)
+        bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(
+            N, N, heads
+        )
         ref, ref_tok = torch.zeros_like(out), torch.zeros(B, 1, C)
         for b in range(B):
             for w in range(4):
-                seq = torch.cat([windows[b * 4 + w], token[b]], 0)          # (N+1, C)
+                seq = torch.cat([windows[b * 4 + w], token[b]], 0)  # (N+1, C)
                 q, k, v = attn.qkv(seq).view(N + 1, 3, heads, d).unbind(1)
                 heads_out = []
                 for h in range(heads):
@@ -165,12 +183,19 @@ def test_model_cross_window_attention_matches_naive_loop():
         for b in range(B):
             for c in range(C):
                 # one token per window of this channel, its ws*ws pixels in row-major order
-                tokens = torch.stack([x[b, i:i + ws, j:j + ws, c].reshape(-1)
-                                      for i in range(0, H, ws) for j in range(0, W, ws)])
+                tokens = torch.stack(
+                    [
+                        x[b, i : i + ws, j : j + ws, c].reshape(-1)
+                        for i in range(0, H, ws)
+                        for j in range(0, W, ws)
+                    ]
+                )
                 q, k, v = cwa.qkv(tokens).chunk(3, -1)
-                o = cwa.proj((q @ k.T / ws).softmax(-1) @ v)       # scale 1/sqrt(ws^2)
-                for n, (i, j) in enumerate((i, j) for i in range(0, H, ws) for j in range(0, W, ws)):
-                    ref[b, i:i + ws, j:j + ws, c] = o[n].view(ws, ws)
+                o = cwa.proj((q @ k.T / ws).softmax(-1) @ v)  # scale 1/sqrt(ws^2)
+                for n, (i, j) in enumerate(
+                    (i, j) for i in range(0, H, ws) for j in range(0, W, ws)
+                ):
+                    ref[b, i : i + ws, j : j + ws, c] = o[n].view(ws, ws)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -178,7 +203,7 @@ def test_model_space_to_depth_matches_swin_slices():
     torch.manual_seed(0)
     m = mitr.SpaceToDepth(4)
     x = torch.randn(2, 6, 8, 4)
-    xs = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]   # Swin's order
+    xs = [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]]  # Swin's order
     ref = m.reduction(m.norm(torch.cat(xs, -1).view(2, 12, 16)))
     assert torch.allclose(m(x.view(2, 48, 4), 6, 8), ref, atol=1e-6)
 
@@ -187,7 +212,9 @@ def test_model_gradients_reach_every_parameter():
     model = _model_tiny().train()
     logits, counts = model(torch.randn(2, 3, 96, 96))
     (logits.square().sum() + counts.square().sum()).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert missing == []
 
 
@@ -200,16 +227,18 @@ def test_model_ablation_switches_remove_their_parts():
     assert "object_token" in names and isinstance(full.head, mitr.ArcHead)
 
     no_pos = _model_tiny(pos_embed=False)
-    tables = sum(p.numel() for n, p in full.named_parameters() if "relative_position_bias_table" in n)
+    tables = sum(
+        p.numel() for n, p in full.named_parameters() if "relative_position_bias_table" in n
+    )
     assert mitr.num_params(no_pos) == n_full - tables
 
     no_shift = _model_tiny(shift=False)
     assert mitr.num_params(no_shift) == n_full
     assert all(b.shift == 0 for s in no_shift.stages for b in s.pixel_blocks)
-    assert sum(b.shift > 0 for s in full.stages for b in s.pixel_blocks) == 3   # stages 1-3
+    assert sum(b.shift > 0 for s in full.stages for b in s.pixel_blocks) == 3  # stages 1-3
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
-        assert not torch.allclose(full(x)[0], no_shift(x)[0])   # same weights, different windows
+        assert not torch.allclose(full(x)[0], no_shift(x)[0])  # same weights, different windows
 
     no_cwa = _model_tiny(cross_window=False)
     cwa = sum(mitr.num_params(s.cross_window_blocks) for s in full.stages)
@@ -220,7 +249,7 @@ def test_model_ablation_switches_remove_their_parts():
 
     no_token = _model_tiny(object_token=False)
     assert no_token(x)[1] is None and no_token.object_token is None
-    assert mitr.num_params(no_token) == n_full - 256 - (256 * 6 + 6)   # token + count head
+    assert mitr.num_params(no_token) == n_full - 256 - (256 * 6 + 6)  # token + count head
     assert "stage4" in mitr.summary(no_token)
 
 
@@ -229,10 +258,14 @@ def test_model_arc_head_is_scaled_cosine():
     head = mitr.ArcHead(16, 3, s=8.0)
     x = torch.randn(5, 16)
     logits = head(x)
-    cos = torch.stack([torch.stack([torch.dot(xi, wj) / (xi.norm() * wj.norm()) for wj in head.weight])
-                       for xi in x])
+    cos = torch.stack(
+        [
+            torch.stack([torch.dot(xi, wj) / (xi.norm() * wj.norm()) for wj in head.weight])
+            for xi in x
+        ]
+    )
     assert torch.allclose(logits, 8.0 * cos, atol=1e-5)
-    assert logits.abs().max() <= 8.0 + 1e-5                     # "within [-s, s]"
+    assert logits.abs().max() <= 8.0 + 1e-5  # "within [-s, s]"
 
 
 @pytest.mark.parametrize("between", [True, False])
@@ -249,7 +282,7 @@ def test_model_unit_order(between):
     want = ["pixel_blocks.0", "cross_window_blocks.0", "pixel_blocks.1"]
     assert seen == (want if between else [want[0], want[2], want[1]])
     other = _model_tiny(cross_window_between=not between)
-    other.load_state_dict(model.state_dict())                    # same keys and shapes
+    other.load_state_dict(model.state_dict())  # same keys and shapes
     with torch.no_grad():
         assert not torch.allclose(other(torch.randn(1, 3, 96, 96))[0], out)
     # Stochastic-depth rates grow in the order the sub-blocks run.
@@ -260,13 +293,15 @@ def test_model_unit_order(between):
             if stage.cross_window_blocks:
                 blocks.insert(1 if between else 2, stage.cross_window_blocks[u])
             rates += [b.dpr for b in blocks]
-    assert rates == sorted(rates) and len(set(rates)) == len(rates) == 3 * 3 + 2 and rates[-1] == 0.3
+    assert (
+        rates == sorted(rates) and len(set(rates)) == len(rates) == 3 * 3 + 2 and rates[-1] == 0.3
+    )
 
 
 def test_model_stochastic_depth_one_draw_for_token_and_pixels():
     torch.manual_seed(0)
     block = mitr.PixelBlock(8, 2, ws=3, shift=0, cfg=VARIANTS["tiny"], dpr=0.5).train()
-    with torch.no_grad():                        # Eq. 2's branch adds nothing: only Eq. 1's draw shows
+    with torch.no_grad():  # Eq. 2's branch adds nothing: only Eq. 1's draw shows
         block.mlp.fc2.weight.zero_()
         block.mlp.fc2.bias.zero_()
         x, token = torch.randn(64, 9, 8), torch.randn(64, 1, 8)
@@ -287,7 +322,7 @@ def test_model_object_token_sees_the_image():
 
 @pytest.mark.parametrize("variant", ["s", "m", "l"])
 def test_model_parameter_counts_match_table2(variant):
-    with torch.device("meta"):                                   # counts only: no memory, no init
+    with torch.device("meta"):  # counts only: no memory, no init
         model = MITr(VARIANTS[variant], num_classes=80)
     params = mitr.num_params(model) / 1e6
     assert abs(params - mitr.TABLE2_PARAMS_M[variant]) / mitr.TABLE2_PARAMS_M[variant] < 0.10
@@ -298,12 +333,15 @@ def test_model_pixel_path_is_swin():
     # Swin-T (28,288,354 parameters, the relative_position_index buffers aside). MITr-m and -l are
     # Swin-S (49,606,258) and Swin-B (87,768,224) with ws 12 instead of 7: each block's bias table
     # grows from 13^2 to 23^2 rows per head, i.e. 360 * sum(depth * heads) parameters.
-    published = {"s": 28_288_354,
-                 "m": 49_606_258 + 360 * (2 * 3 + 2 * 6 + 18 * 12 + 2 * 24),
-                 "l": 87_768_224 + 360 * (2 * 4 + 2 * 8 + 18 * 16 + 2 * 32)}
+    published = {
+        "s": 28_288_354,
+        "m": 49_606_258 + 360 * (2 * 3 + 2 * 6 + 18 * 12 + 2 * 24),
+        "l": 87_768_224 + 360 * (2 * 4 + 2 * 8 + 18 * 16 + 2 * 32),
+    }
     for variant, n in published.items():
-        cfg = dataclasses.replace(VARIANTS[variant], cross_window=False, object_token=False,
-                                  arc_sigmoid=False)
+        cfg = dataclasses.replace(
+            VARIANTS[variant], cross_window=False, object_token=False, arc_sigmoid=False
+        )
         with torch.device("meta"):
             model = MITr(cfg, num_classes=1000)
         assert mitr.num_params(model) == n, variant
@@ -321,6 +359,7 @@ def test_model_analytic_flops_match_counted(variant):
 def test_model_flop_counter_works_under_no_grad():
     # The standard idiom; it used to trip an assertion in FlopCounterMode's module tracker.
     from torch.utils.flop_counter import FlopCounterMode
+
     model = _model_tiny()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(torch.zeros(1, 3, 96, 96))
@@ -335,20 +374,21 @@ def test_model_eq9_cross_window_cost_is_linear_in_channels():
         x = torch.zeros(1, 56, 56, C)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
+
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             m(x)
         cost[C] = fc.get_total_flops() / 2
         hw, ws = 56 * 56, 7
-        assert cost[C] == 4 * hw * ws * ws * C + 2 * hw * hw * C / (ws * ws)   # Eq. (9), corrected
+        assert cost[C] == 4 * hw * ws * ws * C + 2 * hw * hw * C / (ws * ws)  # Eq. (9), corrected
     assert cost[192] == 2 * cost[96]
-    assert mitr.num_params(mitr.CrossWindowAttention(7)) == 4 * 7 ** 4 + 4 * 7 ** 2   # Eq. (10): ws^4
+    assert mitr.num_params(mitr.CrossWindowAttention(7)) == 4 * 7**4 + 4 * 7**2  # Eq. (10): ws^4
 
 
 def test_model_rejects_sizes_it_cannot_take():
     model = _model_tiny()
     with pytest.raises(ValueError, match="Sides that work: 96, 192"):
         model(torch.zeros(1, 3, 100, 100))
-    model(torch.zeros(1, 3, 192, 96))                            # rectangular multiples work
+    model(torch.zeros(1, 3, 192, 96))  # rectangular multiples work
 
 
 def test_model_bf16_autocast_runs():
@@ -356,7 +396,7 @@ def test_model_bf16_autocast_runs():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, counts = model(torch.randn(2, 3, 96, 96))
     assert torch.isfinite(logits.float()).all() and torch.isfinite(counts.float()).all()
-    assert logits.dtype == torch.float32                         # the arc head runs outside autocast
+    assert logits.dtype == torch.float32  # the arc head runs outside autocast
 
 
 def test_model_arc_head_is_float32_under_bf16_autocast():
@@ -372,8 +412,9 @@ def test_model_arc_head_is_float32_under_bf16_autocast():
 
 
 def test_model_cli_prints_the_stage_table():
-    out = subprocess.run([sys.executable, "mitr.py", "--variant", "tiny"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "mitr.py", "--variant", "tiny"], capture_output=True, text=True, check=True
+    ).stdout
     assert "stage4" in out and "GFLOPs(counted)" in out
 
 
@@ -383,13 +424,15 @@ def test_model_cli_prints_the_stage_table():
 _SWIN_T = dict(embed_dim=96, depths=(2, 2, 6, 2), heads=(3, 6, 12, 24))
 _SWIN_S = dict(embed_dim=96, depths=(2, 2, 18, 2), heads=(3, 6, 12, 24))
 _SWIN_B = dict(embed_dim=128, depths=(2, 2, 18, 2), heads=(4, 8, 16, 32))
-_SWIN_TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8))   # matches MITr "tiny"
+_SWIN_TINY = dict(embed_dim=32, depths=(2, 2, 2, 2), heads=(1, 2, 4, 8))  # matches MITr "tiny"
 
 
 def _swin_rel_index(ws):
-    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)   # (N, N, 2)
-    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]                                # (N, N)
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(
+        1
+    )
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)  # (N, N, 2)
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]  # (N, N)
 
 
 def _swin_mask(res, ws, shift):
@@ -400,9 +443,11 @@ def _swin_mask(res, ws, shift):
         for w in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
             img[:, h, w, :] = cnt
             cnt += 1
-    win = img.view(1, res // ws, ws, res // ws, ws, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws)
+    win = (
+        img.view(1, res // ws, ws, res // ws, ws, 1).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws)
+    )
     m = win[:, None, :] - win[:, :, None]
-    return m.masked_fill(m != 0, -100.0)                                           # (nW, N, N)
+    return m.masked_fill(m != 0, -100.0)  # (nW, N, N)
 
 
 def _swin_fake(embed_dim, depths, heads, ws=7, img=224, classes=1000, device="cpu", seed=0):
@@ -419,12 +464,14 @@ def _swin_fake(embed_dim, depths, heads, ws=7, img=224, classes=1000, device="cp
     sd["patch_embed.norm.weight"], sd["patch_embed.norm.bias"] = t(C, mean=1.0), t(C)
     res = img // 4
     for i, (d, h) in enumerate(zip(depths, heads)):
-        dim, w = C * 2 ** i, min(ws, res)
+        dim, w = C * 2**i, min(ws, res)
         for j in range(d):
             p = f"layers.{i}.blocks.{j}."
             sd[p + "norm1.weight"], sd[p + "norm1.bias"] = t(dim, mean=1.0), t(dim)
             # (real even on "meta": bicubic resizing of meta tensors is slow; these are small)
-            sd[p + "attn.relative_position_bias_table"] = t((2 * w - 1) ** 2, h, scale=0.5, real=True)
+            sd[p + "attn.relative_position_bias_table"] = t(
+                (2 * w - 1) ** 2, h, scale=0.5, real=True
+            )
             sd[p + "attn.relative_position_index"] = _swin_rel_index(w).to(device)
             sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"] = t(3 * dim, dim), t(3 * dim)
             sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"] = t(dim, dim), t(dim)
@@ -463,7 +510,13 @@ def _swin_from_mitr(model):
     for k, v in model.state_dict().items():
         p = k.split(".")
         if p[0] == "stages" and p[2] == "pixel_blocks":
-            p = ["layers", p[1], "blocks", p[3], *["attn" if q == "pixel_attention" else q for q in p[4:]]]
+            p = [
+                "layers",
+                p[1],
+                "blocks",
+                p[3],
+                *["attn" if q == "pixel_attention" else q for q in p[4:]],
+            ]
         elif p[0] == "stages" and p[2] == "space_to_depth":
             p = ["layers", p[1], "downsample", *p[3:]]
         elif p[0] in ("head", "object_token", "count_head") or "cross_window_blocks" in p:
@@ -477,8 +530,12 @@ def _swin_reference_features(sd, ws, x):
     explicit softmax attention, -100 shift mask, patch merging by x0..x3 slicing."""
     x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
     B, C, H, W = x.shape
-    x = F.layer_norm(x.flatten(2).transpose(1, 2), (C,),                   # (B, C, H, W) -> (B, HW, C)
-                     sd["patch_embed.norm.weight"], sd["patch_embed.norm.bias"])
+    x = F.layer_norm(
+        x.flatten(2).transpose(1, 2),
+        (C,),  # (B, C, H, W) -> (B, HW, C)
+        sd["patch_embed.norm.weight"],
+        sd["patch_embed.norm.bias"],
+    )
     for i in range(4):
         w = min(ws, H)
         N, nW = w * w, (H // w) * (W // w)
@@ -496,7 +553,9 @@ def _swin_reference_features(sd, ws, x):
             attn = (q * (C // h) ** -0.5) @ k.transpose(-2, -1)
             attn = attn + table[_swin_rel_index(w).view(-1)].view(N, N, h).permute(2, 0, 1)
             if shift:
-                attn = (attn.view(B, nW, h, N, N) + _swin_mask(H, w, shift)[None, :, None]).view(-1, h, N, N)
+                attn = (attn.view(B, nW, h, N, N) + _swin_mask(H, w, shift)[None, :, None]).view(
+                    -1, h, N, N
+                )
             y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, N, C)
             y = F.linear(y, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
             y = y.view(B, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
@@ -504,15 +563,24 @@ def _swin_reference_features(sd, ws, x):
                 y = torch.roll(y, (shift, shift), (1, 2))
             x = x + y.reshape(B, H * W, C)
             z = F.layer_norm(x, (C,), sd[p + "norm2.weight"], sd[p + "norm2.bias"])
-            z = F.linear(F.gelu(F.linear(z, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
-                         sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+            z = F.linear(
+                F.gelu(F.linear(z, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])),
+                sd[p + "mlp.fc2.weight"],
+                sd[p + "mlp.fc2.bias"],
+            )
             x = x + z
             j += 1
         if f"layers.{i}.downsample.reduction.weight" in sd:
             y = x.view(B, H, W, C)
-            y = torch.cat([y[:, 0::2, 0::2], y[:, 1::2, 0::2], y[:, 0::2, 1::2], y[:, 1::2, 1::2]], -1)
-            y = F.layer_norm(y.reshape(B, -1, 4 * C), (4 * C,), sd[f"layers.{i}.downsample.norm.weight"],
-                             sd[f"layers.{i}.downsample.norm.bias"])
+            y = torch.cat(
+                [y[:, 0::2, 0::2], y[:, 1::2, 0::2], y[:, 0::2, 1::2], y[:, 1::2, 1::2]], -1
+            )
+            y = F.layer_norm(
+                y.reshape(B, -1, 4 * C),
+                (4 * C,),
+                sd[f"layers.{i}.downsample.norm.weight"],
+                sd[f"layers.{i}.downsample.norm.bias"],
+            )
             x = F.linear(y, sd[f"layers.{i}.downsample.reduction.weight"])
             H, W, C = H // 2, W // 2, 2 * C
     return F.layer_norm(x, (C,), sd["norm.weight"], sd["norm.bias"]).mean(1)
@@ -520,7 +588,9 @@ def _swin_reference_features(sd, ws, x):
 
 def _swin_plain(variant):
     """MITr with only the pixel-attention path: exactly a Swin."""
-    return dataclasses.replace(VARIANTS[variant], cross_window=False, object_token=False, arc_sigmoid=False)
+    return dataclasses.replace(
+        VARIANTS[variant], cross_window=False, object_token=False, arc_sigmoid=False
+    )
 
 
 def test_swin_tiny_matches_reference_swin_both_layouts():
@@ -548,23 +618,27 @@ def test_swin_s_official_roundtrip_exact():
     src = MITr(_swin_plain("s"), 80).eval()
     with torch.no_grad():
         for p in src.parameters():
-            if p.dim() == 1:                            # LN weights are 1 and biases 0 at init
+            if p.dim() == 1:  # LN weights are 1 and biases 0 at init
                 p.add_(0.05 * torch.randn_like(p))
     sd = _swin_from_mitr(src)
-    ref = _swin_fake(**_SWIN_T, device="meta")         # the official Swin-T key set, no values
-    params = {k for k in ref if not k.endswith(("relative_position_index", "attn_mask")) and k[:5] != "head."}
+    ref = _swin_fake(**_SWIN_T, device="meta")  # the official Swin-T key set, no values
+    params = {
+        k
+        for k in ref
+        if not k.endswith(("relative_position_index", "attn_mask")) and k[:5] != "head."
+    }
     assert params == set(sd)
-    for k in ref:                                       # add buffers and a 1000-class head, as released
+    for k in ref:  # add buffers and a 1000-class head, as released
         if k not in sd:
             sd[k] = torch.zeros(ref[k].shape, dtype=ref[k].dtype)
-    dst = copy.deepcopy(src)                            # a fresh MITr-s, faster than building one:
-    with torch.no_grad():                               # every parameter redrawn
+    dst = copy.deepcopy(src)  # a fresh MITr-s, faster than building one:
+    with torch.no_grad():  # every parameter redrawn
         for p in dst.parameters():
             p.normal_(0.0, 0.02)
     report = load_swin(dst, {"model": sd})
     assert report["layout"] == "official" and report["new"] == ["head.weight", "head.bias"]
     assert len(report["loaded"]) == 171 and not report["resized"] and not report["unexpected"]
-    assert len(report["skipped"]) == 12 + 5 + 2        # 12 index buffers, 5 masks (1+1+3), head w/b
+    assert len(report["skipped"]) == 12 + 5 + 2  # 12 index buffers, 5 masks (1+1+3), head w/b
     s, d = src.state_dict(), dst.state_dict()
     assert all(torch.equal(s[k], d[k]) for k in report["loaded"])
     # Same weights, so compare with an independent Swin-T forward on the checkpoint instead of src.
@@ -583,85 +657,105 @@ def test_swin_patch_merging_timm_layout_hand_built():
     assert torch.equal(s2d.reduction.weight, sd["layers.1.downsample.reduction.weight"])
     assert torch.equal(s2d.norm.weight, sd["layers.1.downsample.norm.weight"])
     # Hand-built input: channel c of pixel (r, q) is 1000 r + q + c / 100, so every slot is distinct.
-    r, q, c = torch.meshgrid(torch.arange(4.), torch.arange(4.), torch.arange(32.), indexing="ij")
-    x = (1000 * r + q + c / 100)[None]                                   # (1, 4, 4, 32)
+    r, q, c = torch.meshgrid(
+        torch.arange(4.0), torch.arange(4.0), torch.arange(32.0), indexing="ij"
+    )
+    x = (1000 * r + q + c / 100)[None]  # (1, 4, 4, 32)
     cat = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-    assert cat[0, 0, 0, 32] == 1000 and cat[0, 0, 0, 64] == 1   # slot 1 is (dh, dw) = (1, 0), slot 2 (0, 1)
+    assert (
+        cat[0, 0, 0, 32] == 1000 and cat[0, 0, 0, 64] == 1
+    )  # slot 1 is (dh, dw) = (1, 0), slot 2 (0, 1)
     p = "layers.1.downsample."
-    want = F.linear(F.layer_norm(cat.reshape(1, 4, 128), (128,), sd[p + "norm.weight"], sd[p + "norm.bias"]),
-                    sd[p + "reduction.weight"])
+    want = F.linear(
+        F.layer_norm(cat.reshape(1, 4, 128), (128,), sd[p + "norm.weight"], sd[p + "norm.bias"]),
+        sd[p + "reduction.weight"],
+    )
     with torch.no_grad():
         got = s2d(x.reshape(1, 16, 32), 4, 4)
     assert (got - want).abs().max() < 1e-5
 
 
-@pytest.mark.filterwarnings("ignore:.*meta parameter")   # copying real bias tables into meta: a no-op
-@pytest.mark.parametrize("variant,swin,ws,img,resized", [
-    ("s", _SWIN_T, 7, 224, 0),          # MITr-s (1k / 22k) <- Swin-T
-    ("m", _SWIN_S, 7, 224, 24),         # MITr-m <- Swin-S 22k: only at window 7, so 13^2 -> 23^2
-    ("l", _SWIN_B, 12, 384, 0),         # MITr-l <- Swin-B 22k at 384, window 12
-    ("l", _SWIN_B, 7, 224, 24),
-])
+@pytest.mark.filterwarnings(
+    "ignore:.*meta parameter"
+)  # copying real bias tables into meta: a no-op
+@pytest.mark.parametrize(
+    "variant,swin,ws,img,resized",
+    [
+        ("s", _SWIN_T, 7, 224, 0),  # MITr-s (1k / 22k) <- Swin-T
+        ("m", _SWIN_S, 7, 224, 24),  # MITr-m <- Swin-S 22k: only at window 7, so 13^2 -> 23^2
+        ("l", _SWIN_B, 12, 384, 0),  # MITr-l <- Swin-B 22k at 384, window 12
+        ("l", _SWIN_B, 7, 224, 24),
+    ],
+)
 def test_swin_every_variant_both_layouts(variant, swin, ws, img, resized):
-    with torch.device("meta"):                          # shapes only: no memory, no time
+    with torch.device("meta"):  # shapes only: no memory, no time
         model = MITr(VARIANTS[variant], 80)
     sd = _swin_fake(**swin, ws=ws, img=img, classes=21841, device="meta")
     for ckpt, layout in ((sd, "official"), (_swin_to_timm(sd), "timm")):
         report = load_swin(model, ckpt)
         assert report["layout"] == layout and len(report["resized"]) == resized
         assert all(n.endswith("relative_position_bias_table") for n in report["resized"])
-        assert all(".cross_window_blocks." in n or n.startswith(("head.", "object_token", "count_head."))
-                   for n in report["new"])
+        assert all(
+            ".cross_window_blocks." in n or n.startswith(("head.", "object_token", "count_head."))
+            for n in report["new"]
+        )
         assert len(report["loaded"]) + len(report["new"]) == len(model.state_dict())
     if resized:
         assert any("window 7 -> 12" in n for n in report["notes"])
         table = model.stages[0].pixel_blocks[0].pixel_attention.relative_position_bias_table
-        assert table.shape[0] == 23 ** 2
+        assert table.shape[0] == 23**2
 
 
 def test_swin_wrong_checkpoint_for_variant_raises():
     with torch.device("meta"):
         s, m = MITr(VARIANTS["s"], 80), MITr(VARIANTS["m"], 80)
     with pytest.raises(ValueError, match=r"no place.*layers\.2\.blocks\.6.*strict=False"):
-        load_swin(s, _swin_fake(**_SWIN_S, device="meta"))          # Swin-S has 18 blocks in stage 3
+        load_swin(s, _swin_fake(**_SWIN_S, device="meta"))  # Swin-S has 18 blocks in stage 3
     with pytest.raises(ValueError, match=r"lacks 156 pixel-path.*Swin-S"):
-        load_swin(m, _swin_fake(**_SWIN_T, device="meta"))          # Swin-T: 6 of m's 18 blocks (12 x 13)
+        load_swin(m, _swin_fake(**_SWIN_T, device="meta"))  # Swin-T: 6 of m's 18 blocks (12 x 13)
     with pytest.raises(ValueError, match=r"shape mismatch.*patch_embed"):
-        load_swin(s, _swin_fake(**_SWIN_B, device="meta"))          # C = 128, not 96
+        load_swin(s, _swin_fake(**_SWIN_B, device="meta"))  # C = 128, not 96
 
 
 def test_swin_window_resize_bicubic():
-    cfg7 = MITrConfig(img_size=224, embed_dim=8, window_size=7, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
+    cfg7 = MITrConfig(
+        img_size=224, embed_dim=8, window_size=7, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2)
+    )
     sd = _swin_from_mitr(MITr(cfg7, 3))
     tables = [k for k in sd if k.endswith("relative_position_bias_table")]
     assert len(tables) == 8 and sd[tables[0]].shape == (13 * 13, 2)
-    sd[tables[0]] = torch.full((169, 2), 0.75)                          # constant: stays constant
+    sd[tables[0]] = torch.full((169, 2), 0.75)  # constant: stays constant
     sd[tables[1]] = torch.randn(169, 2)
     m = MITr(dataclasses.replace(cfg7, img_size=384, window_size=12), 3)
     report = load_swin(m, sd)
     assert len(report["resized"]) == 8
-    assert report["resized"][0] == "stages.0.pixel_blocks.0.pixel_attention.relative_position_bias_table"
+    assert (
+        report["resized"][0]
+        == "stages.0.pixel_blocks.0.pixel_attention.relative_position_bias_table"
+    )
     t0 = m.stages[0].pixel_blocks[0].pixel_attention.relative_position_bias_table
     t1 = m.stages[0].pixel_blocks[1].pixel_attention.relative_position_bias_table
     assert t0.shape == (23 * 23, 2) and torch.allclose(t0, torch.full_like(t0, 0.75), atol=1e-6)
     # align_corners=False maps output centre 11 to input (11 + 0.5) * 13/23 - 0.5 = 6 exactly, where
     # the bicubic kernel is (0, 1, 0, 0): the zero-offset bias (row 6*13+6) survives unchanged.
     assert torch.allclose(t1[11 * 23 + 11], sd[tables[1]][6 * 13 + 6], atol=1e-6)
-    assert not torch.allclose(t1[0], sd[tables[1]][0])                   # a corner is interpolated
+    assert not torch.allclose(t1[0], sd[tables[1]][0])  # a corner is interpolated
     heads = dataclasses.replace(cfg7, img_size=384, window_size=12, num_heads=(1, 2, 2, 2))
-    with pytest.raises(ValueError, match="shape mismatch"):             # other head count: no resize
+    with pytest.raises(ValueError, match="shape mismatch"):  # other head count: no resize
         load_swin(MITr(heads, 3), sd)
 
 
 def test_swin_strict_and_nonstrict():
     sd = _swin_fake(**_SWIN_TINY, ws=3, img=96)
-    sd["layers.0.blocks.0.attn.logit_scale"] = torch.zeros(1, 1, 1)      # a Swin V2 key
+    sd["layers.0.blocks.0.attn.logit_scale"] = torch.zeros(1, 1, 1)  # a Swin V2 key
     sd["norm.weight"] = torch.ones(100)
     m = MITr(VARIANTS["tiny"], 5)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(ValueError, match=r"logit_scale.*shape mismatch.*norm\.weight.*--init-nonstrict"):
+    with pytest.raises(
+        ValueError, match=r"logit_scale.*shape mismatch.*norm\.weight.*--init-nonstrict"
+    ):
         load_swin(m, sd)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # untouched on error
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # untouched on error
     report = load_swin(m, sd, strict=False)
     assert report["unexpected"] == ["layers.0.blocks.0.attn.logit_scale"]
     assert report["mismatched"] == ["norm.weight (100,) vs norm.weight (256,)"]
@@ -671,12 +765,17 @@ def test_swin_strict_and_nonstrict():
 
 def test_swin_from_file_and_report(tmp_path):
     path = tmp_path / "swin_tiny.pth"
-    torch.save({"model": {"module." + k: v for k, v in _swin_fake(**_SWIN_TINY, ws=3, img=96).items()}}, path)
+    torch.save(
+        {"model": {"module." + k: v for k, v in _swin_fake(**_SWIN_TINY, ws=3, img=96).items()}},
+        path,
+    )
     m = MITr(VARIANTS["tiny"], 5)
     report = load_swin(m, str(path))
     text = format_swin_report(report)
     lines = text.splitlines()
-    assert len(lines) <= 12 and lines[0].startswith("Swin init (official layout): 119 tensors loaded")
+    assert len(lines) <= 12 and lines[0].startswith(
+        "Swin init (official layout): 119 tensors loaded"
+    )
     assert "new:" in text and "cross_window_blocks" in text and "skipped:" in text
     with pytest.raises(ValueError, match="cannot read"):
         load_swin(m, tmp_path / "missing.pth")
@@ -701,18 +800,37 @@ def test_swin_matches_timm_swin_t():
 # =============================================================================
 # python mitr.py --bench: smoke test, no timing assertions
 
+
 def test_model_bench_cli_prints_speed_and_cross_window_share():
-    out = subprocess.run([sys.executable, "mitr.py", "--bench", "--variant", "tiny", "--device", "cpu",
-                          "--batch", "2"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "mitr.py",
+            "--bench",
+            "--variant",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "MITr-tiny on cpu" in out and "GMACs per image" in out
     for step in ("forward", "training"):
         assert re.search(rf"^{step}\s+[\d.]+ img/s\s+[\d.]+ GFLOP/s achieved$", out, re.M), out
-    assert re.search(r"cross-window attention: [\d.]+% of FLOPs, -?[\d.]+% of forward time, "
-                     r"-?[\d.]+% of training time", out), out
+    assert re.search(
+        r"cross-window attention: [\d.]+% of FLOPs, -?[\d.]+% of forward time, "
+        r"-?[\d.]+% of training time",
+        out,
+    ), out
 
 
 # =============================================================================
 # losses.py (Section 3.2, Eqs. 12-18)
+
 
 def _lg(p):
     """Logits of probabilities p, in float64 so that sigmoid(logit(p)) = p to ~1e-16."""
@@ -726,7 +844,9 @@ def test_losses_bce_hand():
     y = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     out = bce_loss(z, y)
     assert out.shape == (2,)
-    assert torch.allclose(out, torch.tensor([3 * math.log(2), -math.log(0.75)], dtype=torch.float64))
+    assert torch.allclose(
+        out, torch.tensor([3 * math.log(2), -math.log(0.75)], dtype=torch.float64)
+    )
 
 
 def test_losses_asl_hand():
@@ -737,19 +857,22 @@ def test_losses_asl_hand():
     # total 0.2242674
     z = _lg([[0.8, 0.3, 0.04]])
     y = torch.tensor([[1.0, 0.0, 0.0]])
-    expect = -math.log(0.8) - 0.25 ** 4 * math.log(0.75)
+    expect = -math.log(0.8) - 0.25**4 * math.log(0.75)
     out = asymmetric_loss(z, y)
     assert out.shape == (1,)
     assert abs(out.item() - expect) < 1e-6
     # the two halves, Eqs. (15) and (16), entry by entry
     assert abs(asl_positive(z)[0, 0].item() - math.log(0.8)) < 1e-12
-    assert abs(asl_negative(z)[0, 1].item() - 0.25 ** 4 * math.log(0.75)) < 1e-12
+    assert abs(asl_negative(z)[0, 1].item() - 0.25**4 * math.log(0.75)) < 1e-12
     assert asl_negative(z)[0, 2].item() == 0.0
     # g+ = 1: the positive term becomes -(1 - 0.8) ln 0.8 = 0.0446287
-    expect1 = -0.2 * math.log(0.8) - 0.25 ** 4 * math.log(0.75)
+    expect1 = -0.2 * math.log(0.8) - 0.25**4 * math.log(0.75)
     assert abs(asymmetric_loss(z, y, gamma_pos=1.0).item() - expect1) < 1e-6
     # with y = -1 on the positive, only the 0.0011238 remains
-    assert abs(asymmetric_loss(z, torch.tensor([[-1.0, 0.0, 0.0]])).item() + 0.25 ** 4 * math.log(0.75)) < 1e-7
+    assert (
+        abs(asymmetric_loss(z, torch.tensor([[-1.0, 0.0, 0.0]])).item() + 0.25**4 * math.log(0.75))
+        < 1e-7
+    )
     # a negative below the margin never yields a negative loss (the clip of Eq. 16)
     assert asymmetric_loss(_lg([[0.01]]), torch.tensor([[0.0]]), gamma_neg=1.0).item() == 0.0
     # a non-integer g- (printed Eq. 16: (0.01 - 0.05)^2.5 = NaN): here p = 0.01 gives 0 and
@@ -757,7 +880,7 @@ def test_losses_asl_hand():
     zz = _lg([[0.01, 0.5]]).requires_grad_()
     out = asymmetric_loss(zz, torch.zeros(1, 2), gamma_neg=2.5, detach_focus=False)
     out.sum().backward()
-    assert abs(out.item() + 0.45 ** 2.5 * math.log(0.55)) < 1e-6 and torch.isfinite(zz.grad).all()
+    assert abs(out.item() + 0.45**2.5 * math.log(0.55)) < 1e-6 and torch.isfinite(zz.grad).all()
 
 
 def _lm_literal_asl(z, y, gp, gn, m):
@@ -771,7 +894,7 @@ def _lm_literal_asl(z, y, gp, gn, m):
             if yij == 1:
                 total -= (1 - p) ** gp * math.log(p)  # Eq. (15)
             elif yij == 0:
-                total -= p_m ** gn * math.log(1 - p_m)  # Eq. (16)
+                total -= p_m**gn * math.log(1 - p_m)  # Eq. (16)
         out.append(total)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -781,7 +904,9 @@ def test_losses_asl_equals_literal_formula():
     z = torch.randn(4, 6, dtype=torch.float64) * 3
     y = torch.randint(-1, 2, (4, 6)).double()
     for gp, gn, m in ((0.0, 4.0, 0.05), (1.0, 4.0, 0.05), (2.0, 1.5, 0.2), (0.0, 0.0, 0.0)):
-        assert torch.allclose(asymmetric_loss(z, y, gp, gn, m), _lm_literal_asl(z, y, gp, gn, m), atol=1e-10)
+        assert torch.allclose(
+            asymmetric_loss(z, y, gp, gn, m), _lm_literal_asl(z, y, gp, gn, m), atol=1e-10
+        )
 
 
 def test_losses_asl_reduces_to_bce():
@@ -791,7 +916,9 @@ def test_losses_asl_reduces_to_bce():
     y = torch.randint(-1, 2, (5, 7)).float()
     a = asymmetric_loss(z, y, 0.0, 0.0, 0.0)
     assert torch.allclose(a, bce_loss(z, y), atol=1e-6)
-    ref = F.binary_cross_entropy_with_logits(z, y.clamp(min=0), weight=(y != -1).float(), reduction="none").sum(1)
+    ref = F.binary_cross_entropy_with_logits(
+        z, y.clamp(min=0), weight=(y != -1).float(), reduction="none"
+    ).sum(1)
     assert torch.allclose(a, ref, atol=1e-5)
 
 
@@ -814,7 +941,7 @@ def test_losses_mitr_loss_hand_and_composition():
     z = torch.tensor([[math.log(4), -math.log(4)]] * 2)
     c = torch.zeros(2, 3)
     y = torch.tensor([[1.0, 0.0], [-1.0, -1.0]])
-    asl1 = -math.log(0.8) - 0.15 ** 4 * math.log(0.85)
+    asl1 = -math.log(0.8) - 0.15**4 * math.log(0.85)
     loss, parts = mitr_loss(z, c, y)
     assert loss.dim() == 0
     assert abs(loss.item() - (asl1 / 2 + math.log(3))) < 1e-6
@@ -841,8 +968,12 @@ def test_losses_mitr_loss_casts_half_to_float32():
 
 def test_losses_extremes_finite():
     # logits +-100 with every label combination, a sample without positives
-    z = torch.tensor([[100.0, -100.0, 100.0, -100.0], [100.0, -100.0, 0.0, 3.0]], requires_grad=True)
-    c = torch.tensor([[100.0, -100.0, 0.0, 0.0, 0.0], [-100.0, 100.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    z = torch.tensor(
+        [[100.0, -100.0, 100.0, -100.0], [100.0, -100.0, 0.0, 3.0]], requires_grad=True
+    )
+    c = torch.tensor(
+        [[100.0, -100.0, 0.0, 0.0, 0.0], [-100.0, 100.0, 0.0, 0.0, 0.0]], requires_grad=True
+    )
     y = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     for detach in (True, False):
         z.grad = c.grad = None
@@ -855,7 +986,13 @@ def test_losses_extremes_finite():
     one = mitr_loss(torch.tensor([[-100.0]]), None, torch.tensor([[1.0]]))[0]
     assert abs(one.item() - 100.0) < 1e-4
     assert abs(bce_loss(torch.tensor([[110.0]]), torch.tensor([[0.0]])).item() - 110.0) < 1e-4
-    assert abs(asymmetric_loss(torch.tensor([[110.0]]), torch.tensor([[0.0]]), 0.0, 0.0, 0.0).item() - 110.0) < 1e-4
+    assert (
+        abs(
+            asymmetric_loss(torch.tensor([[110.0]]), torch.tensor([[0.0]]), 0.0, 0.0, 0.0).item()
+            - 110.0
+        )
+        < 1e-4
+    )
 
 
 def test_losses_gradcheck_all():
@@ -865,8 +1002,12 @@ def test_losses_gradcheck_all():
     y = torch.tensor([[1, 0, -1, 0, 1], [0, 0, 0, 0, 0], [1, 1, 0, -1, 0]], **d64)
     z = torch.randn(3, 5, **d64, requires_grad=True)  # away from the kink at p = m (z = -2.94)
     assert torch.autograd.gradcheck(lambda z: bce_loss(z, y), (z,))
-    assert torch.autograd.gradcheck(lambda z: asymmetric_loss(z, y, 1.0, 4.0, 0.05, detach_focus=False), (z,))
-    assert torch.autograd.gradcheck(lambda z: asymmetric_loss(z, y, 0.0, 4.0, 0.05, detach_focus=False), (z,))
+    assert torch.autograd.gradcheck(
+        lambda z: asymmetric_loss(z, y, 1.0, 4.0, 0.05, detach_focus=False), (z,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda z: asymmetric_loss(z, y, 0.0, 4.0, 0.05, detach_focus=False), (z,)
+    )
     c = torch.randn(3, 6, **d64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda c: object_token_loss(c, y), (c,))
     assert torch.autograd.gradcheck(lambda z, c: mitr_loss(z, c, y, detach_focus=False)[0], (z, c))
@@ -877,22 +1018,25 @@ def test_losses_detach_focus_is_the_default():
     torch.manual_seed(4)
     z = (2 * torch.randn(4, 6, dtype=torch.float64)).requires_grad_()
     y = torch.randint(-1, 2, (4, 6)).double()
-    g_default, = torch.autograd.grad(mitr_loss(z, None, y, gamma_pos=1.0)[0], z)
-    g_full, = torch.autograd.grad(mitr_loss(z, None, y, gamma_pos=1.0, detach_focus=False)[0], z)
+    (g_default,) = torch.autograd.grad(mitr_loss(z, None, y, gamma_pos=1.0)[0], z)
+    (g_full,) = torch.autograd.grad(mitr_loss(z, None, y, gamma_pos=1.0, detach_focus=False)[0], z)
     # the detached computation written out: weights from a detached p, gradient through the logs only
     p = torch.sigmoid(z.detach())
     p_m = (p - 0.05).clamp(min=0)
     log_1m_pm = torch.log((1 - torch.sigmoid(z) + 0.05).clamp(max=1))
-    L = -((y == 1) * (1 - p) * F.logsigmoid(z)).sum(1) - ((y == 0) * p_m ** 4 * log_1m_pm).sum(1)
-    g_detached, = torch.autograd.grad(L.mean(), z)
+    L = -((y == 1) * (1 - p) * F.logsigmoid(z)).sum(1) - ((y == 0) * p_m**4 * log_1m_pm).sum(1)
+    (g_detached,) = torch.autograd.grad(L.mean(), z)
     assert torch.allclose(g_default, g_detached, atol=1e-12)
     assert not torch.allclose(g_default, g_full, atol=1e-4)
-    assert torch.allclose(mitr_loss(z, None, y)[0], mitr_loss(z, None, y, detach_focus=False)[0])  # same value
+    assert torch.allclose(
+        mitr_loss(z, None, y)[0], mitr_loss(z, None, y, detach_focus=False)[0]
+    )  # same value
 
 
 def test_losses_compose_with_model_head():
     # Eq. (13) lives in mitr.py; its logits s cos theta feed the losses, p = sigmoid(s cos theta).
     import mitr
+
     # x = [3, 4] (norm 5); W_1 = [1, 0] -> cos = 3/5; W_2 = [0, -2] -> cos = -4/5; s = 8: 4.8, -6.4
     x = torch.tensor([[3.0, 4.0]])
     W = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
@@ -914,6 +1058,7 @@ def test_losses_compose_with_model_head():
 
 # =============================================================================
 # metrics.py (Section 4.1 metrics, Table 7)
+
 
 def _lm_brute_ap(scores, targets):
     """Reference AP: walk the distinct thresholds (tie groups) one at a time, sklearn-style."""
@@ -971,7 +1116,8 @@ def test_metrics_ap_perfect_and_reversed():
     assert np.allclose(average_precision(s, np.array([[0], [0], [1], [1]])), [100 * 5 / 12])
     # reversed in general: the j-th positive sits at rank N - P + j -> mean_j j / (N - P + j)
     N, P = 50, 7
-    t = np.zeros((N, 1)); t[-P:] = 1
+    t = np.zeros((N, 1))
+    t[-P:] = 1
     expect = 100 * np.mean([j / (N - P + j) for j in range(1, P + 1)])
     assert np.allclose(average_precision(-np.arange(N, dtype=float)[:, None], t), [expect])
 
@@ -992,7 +1138,9 @@ def test_metrics_ap_ties_grouped_and_order_free():
     assert np.allclose(ap, _lm_brute_ap(s, t), equal_nan=True)
     assert np.isnan(ap[5]) and not np.isnan(ap[:5]).any()
     perm = rng.permutation(40)
-    assert np.allclose(average_precision(s[perm], t[perm]), ap, rtol=1e-12, equal_nan=True)  # up to summation order
+    assert np.allclose(
+        average_precision(s[perm], t[perm]), ap, rtol=1e-12, equal_nan=True
+    )  # up to summation order
 
 
 def test_metrics_ap_monotone_invariance():
@@ -1021,7 +1169,7 @@ def test_metrics_ap_ignore_equals_removal():
     for voc11 in (False, True):
         for k in range(4):
             keep = t[:, k] != -1
-            removed = average_precision(s[keep, k:k + 1], t[keep, k:k + 1], voc11)[0]
+            removed = average_precision(s[keep, k : k + 1], t[keep, k : k + 1], voc11)[0]
             assert np.isclose(average_precision(s, t, voc11)[k], removed)
 
 
@@ -1075,14 +1223,8 @@ def test_metrics_input_errors():
 
 def test_metrics_report_hand():
     # 4 images x 3 classes, threshold 0.5 (predicted = score >= 0.5)
-    s = np.array([[0.9, 0.6, 0.1],
-                  [0.8, 0.2, 0.7],
-                  [0.3, 0.7, 0.2],
-                  [0.6, 0.1, 0.4]])
-    t = np.array([[1, 1, 0],
-                  [1, 0, 0],
-                  [0, 0, 0],
-                  [0, 1, -1]])
+    s = np.array([[0.9, 0.6, 0.1], [0.8, 0.2, 0.7], [0.3, 0.7, 0.2], [0.6, 0.1, 0.4]])
+    t = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [0, 1, -1]])
     # class 0: pred {0,1,3}, pos {0,1}: Nc 2, Np 3, Ng 2 -> P 2/3, R 1
     # class 1: pred {0,2},   pos {0,3}: Nc 1, Np 2, Ng 2 -> P 1/2, R 1/2
     # class 2: pred {1} (image 3 ignored), no positive -> left out of CP/CR and of mAP
@@ -1091,7 +1233,15 @@ def test_metrics_report_hand():
     # AP: class 0 ranks pos, pos, neg, neg -> 100; class 1 ranks neg(.7), pos(.6), neg(.2), pos(.1)
     #   -> (1/2 + 2/4) / 2 = 1/2; mAP = 75
     r = multilabel_report(s, t)
-    expect = {"mAP": 75.0, "CP": 700 / 12, "CR": 75.0, "CF1": 2100 / 32, "OP": 50.0, "OR": 75.0, "OF1": 60.0}
+    expect = {
+        "mAP": 75.0,
+        "CP": 700 / 12,
+        "CR": 75.0,
+        "CF1": 2100 / 32,
+        "OP": 50.0,
+        "OR": 75.0,
+        "OF1": 60.0,
+    }
     assert set(r) == set(expect) | {"AP_per_class"}
     for k, v in expect.items():
         assert abs(r[k] - v) < 1e-9, k
@@ -1119,7 +1269,9 @@ def test_metrics_report_equals_counting_loop():
                 Ng[k] += t[i, k] == 1
     assert np.isclose(r["CP"], 100 * np.mean([c / p if p else 0 for c, p in zip(Nc, Np)]))
     assert np.isclose(r["CR"], 100 * np.mean(Nc / Ng))
-    assert np.isclose(r["OP"], 100 * Nc.sum() / Np.sum()) and np.isclose(r["OR"], 100 * Nc.sum() / Ng.sum())
+    assert np.isclose(r["OP"], 100 * Nc.sum() / Np.sum()) and np.isclose(
+        r["OR"], 100 * Nc.sum() / Ng.sum()
+    )
 
 
 def test_metrics_size_ap_hand():
@@ -1145,12 +1297,25 @@ def test_metrics_size_ap_hand():
 
 
 def test_metrics_format_report():
-    r = {"mAP": 86.8, "CP": 84.0, "CR": 80.1, "CF1": 81.7, "OP": 84.6, "OR": 82.5, "OF1": 83.5,
-         "AP_s": 77.6, "AP_m": 90.2, "AP_l": 95.9, "AP_per_class": [86.0, 87.6]}
+    r = {
+        "mAP": 86.8,
+        "CP": 84.0,
+        "CR": 80.1,
+        "CF1": 81.7,
+        "OP": 84.6,
+        "OR": 82.5,
+        "OF1": 83.5,
+        "AP_s": 77.6,
+        "AP_m": 90.2,
+        "AP_l": 95.9,
+        "AP_per_class": [86.0, 87.6],
+    }
     line = format_report(r)
     assert "\n" not in line
-    assert line == ("mAP 86.80 | CP 84.00 CR 80.10 CF1 81.70 | OP 84.60 OR 82.50 OF1 83.50 | "
-                    "AP_s 77.60 AP_m 90.20 AP_l 95.90")
+    assert line == (
+        "mAP 86.80 | CP 84.00 CR 80.10 CF1 81.70 | OP 84.60 OR 82.50 OF1 83.50 | "
+        "AP_s 77.60 AP_m 90.20 AP_l 95.90"
+    )
     assert format_report({"mAP": float("nan"), "loss": 0.5}) == "mAP nan | loss 0.50"
 
 
@@ -1171,13 +1336,15 @@ def test_metrics_coco_sized_speed():
     t0 = time.perf_counter()
     multilabel_report(s, t)
     t_report = time.perf_counter() - t0
-    print(f"\nmAP over {N}x{K}: first {times[0]:.3f} s, best {min(times):.3f} s; "
-          f"voc11 {t_voc11:.3f} s; full report {t_report:.3f} s")
+    print(
+        f"\nmAP over {N}x{K}: first {times[0]:.3f} s, best {min(times):.3f} s; "
+        f"voc11 {t_voc11:.3f} s; full report {t_report:.3f} s"
+    )
     assert ap.shape == (K,) and np.isfinite(ap).all()
     # vectorised over classes = one class at a time; and, on a column without ties, the
     # rank-by-rank definition (precision at each positive, averaged)
     for k in range(3):
-        assert np.allclose(ap[k], average_precision(s[:, k:k + 1], t[:, k:k + 1]))
+        assert np.allclose(ap[k], average_precision(s[:, k : k + 1], t[:, k : k + 1]))
     # (float32 columns of 40k random scores all hold a few ties; float64 ones have none)
     s64 = rng.random(N) + 0.5 * t[:, 0]
     assert len(np.unique(s64)) == N
@@ -1189,6 +1356,7 @@ def test_metrics_coco_sized_speed():
 # =============================================================================
 # data.py (Section 4.1 datasets, Shapes, augmentation)
 
+
 def _data_jpeg(path, size=(16, 12), colour=(200, 30, 30)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", size, colour).save(path, "JPEG", quality=95)
@@ -1196,18 +1364,34 @@ def _data_jpeg(path, size=(16, 12), colour=(200, 30, 30)):
 
 def _data_coco_fixture(root):
     """Two splits; train has gapped, unsorted category ids, an unannotated image and a crowd-only one."""
-    cats = [{"id": 90, "name": "toothbrush", "supercategory": "indoor"},
-            {"id": 1, "name": "person", "supercategory": "person"},
-            {"id": 3, "name": "car", "supercategory": "vehicle"}]
-    images = [{"id": 11, "file_name": "COCO_train2014_000000000011.jpg", "width": 16, "height": 12},
-              {"id": 12, "file_name": "COCO_train2014_000000000012.jpg", "width": 16, "height": 12},
-              {"id": 13, "file_name": "COCO_train2014_000000000013.jpg", "width": 16, "height": 12},
-              {"id": 14, "file_name": "COCO_train2014_000000000014.jpg", "width": 16, "height": 12}]
-    ann = lambda i, img, cat, area, crowd=0: {"id": i, "image_id": img, "category_id": cat, "area": area,
-                                              "iscrowd": crowd, "bbox": [0, 0, 1, 1], "segmentation": []}
-    anns = [ann(1, 11, 1, 5000.0), ann(2, 11, 1, 500.0),  # person medium + small -> medium
-            ann(3, 13, 3, 20000.0, crowd=1),  # image 13: crowd only -> kept, car large
-            ann(4, 14, 90, 9216.0), ann(5, 14, 3, 1023.9), ann(6, 14, 1, 1024.0)]  # boundaries
+    cats = [
+        {"id": 90, "name": "toothbrush", "supercategory": "indoor"},
+        {"id": 1, "name": "person", "supercategory": "person"},
+        {"id": 3, "name": "car", "supercategory": "vehicle"},
+    ]
+    images = [
+        {"id": 11, "file_name": "COCO_train2014_000000000011.jpg", "width": 16, "height": 12},
+        {"id": 12, "file_name": "COCO_train2014_000000000012.jpg", "width": 16, "height": 12},
+        {"id": 13, "file_name": "COCO_train2014_000000000013.jpg", "width": 16, "height": 12},
+        {"id": 14, "file_name": "COCO_train2014_000000000014.jpg", "width": 16, "height": 12},
+    ]
+    ann = lambda i, img, cat, area, crowd=0: {
+        "id": i,
+        "image_id": img,
+        "category_id": cat,
+        "area": area,
+        "iscrowd": crowd,
+        "bbox": [0, 0, 1, 1],
+        "segmentation": [],
+    }
+    anns = [
+        ann(1, 11, 1, 5000.0),
+        ann(2, 11, 1, 500.0),  # person medium + small -> medium
+        ann(3, 13, 3, 20000.0, crowd=1),  # image 13: crowd only -> kept, car large
+        ann(4, 14, 90, 9216.0),
+        ann(5, 14, 3, 1023.9),
+        ann(6, 14, 1, 1024.0),
+    ]  # boundaries
     os.makedirs(os.path.join(root, "annotations"))
     with open(os.path.join(root, "annotations", "instances_train2014.json"), "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
@@ -1215,7 +1399,9 @@ def _data_coco_fixture(root):
         _data_jpeg(os.path.join(root, "train2014", im["file_name"]))
     val_img = {"id": 7, "file_name": "COCO_val2014_000000000007.jpg", "width": 16, "height": 12}
     with open(os.path.join(root, "annotations", "instances_val2014.json"), "w") as f:
-        json.dump({"images": [val_img], "annotations": [ann(9, 7, 90, 50.0)], "categories": cats}, f)
+        json.dump(
+            {"images": [val_img], "annotations": [ann(9, 7, 90, 50.0)], "categories": cats}, f
+        )
     _data_jpeg(os.path.join(root, "val2014", val_img["file_name"]))
 
 
@@ -1229,15 +1415,30 @@ def _data_voc_fixture(root):
     """VOCdevkit/VOC2007 with difficult objects and the devkit's per-class list files."""
     base = os.path.join(root, "VOCdevkit", "VOC2007")
     objs = {  # id -> [(name, difficult, box)]
-        "000001": [("dog", 0, (1, 1, 200, 100)), ("person", 1, (1, 1, 10, 10))],       # person difficult-only
-        "000002": [("cat", 1, (1, 1, 300, 300)), ("cat", 0, (1, 1, 31, 32))],          # cat: non-difficult small
-        "000005": [("chair", 0, (5, 5, 100, 95)), ("chair", 0, (1, 1, 20, 20)), ("tvmonitor", 0, (1, 1, 96, 96))],
+        "000001": [
+            ("dog", 0, (1, 1, 200, 100)),
+            ("person", 1, (1, 1, 10, 10)),
+        ],  # person difficult-only
+        "000002": [
+            ("cat", 1, (1, 1, 300, 300)),
+            ("cat", 0, (1, 1, 31, 32)),
+        ],  # cat: non-difficult small
+        "000005": [
+            ("chair", 0, (5, 5, 100, 95)),
+            ("chair", 0, (1, 1, 20, 20)),
+            ("tvmonitor", 0, (1, 1, 96, 96)),
+        ],
     }
     os.makedirs(os.path.join(base, "Annotations"))
     os.makedirs(os.path.join(base, "ImageSets", "Main"))
     for image_id, ob in objs.items():
-        xml = _DATA_VOC_XML.format(id=image_id, objects="".join(
-            _DATA_VOC_OBJ.format(name=n, difficult=d, x0=b[0], y0=b[1], x1=b[2], y1=b[3]) for n, d, b in ob))
+        xml = _DATA_VOC_XML.format(
+            id=image_id,
+            objects="".join(
+                _DATA_VOC_OBJ.format(name=n, difficult=d, x0=b[0], y0=b[1], x1=b[2], y1=b[3])
+                for n, d, b in ob
+            ),
+        )
         with open(os.path.join(base, "Annotations", f"{image_id}.xml"), "w") as f:
             f.write(xml)
         _data_jpeg(os.path.join(base, "JPEGImages", f"{image_id}.jpg"))
@@ -1268,16 +1469,23 @@ def _data_coco_json(root, split="train", **changes):
 # ---------------------------------------------------------------------------------------------
 # COCO
 
+
 def test_data_coco_labels_order_sizes_and_protocol(tmp_path):
     _data_coco_fixture(str(tmp_path))
     ds = data.build_dataset("coco", str(tmp_path), "train", 32, False)
     assert ds.classes == ["person", "car", "toothbrush"]  # category-id order 1, 3, 90
     assert len(ds) == 3  # image 12 has no annotation: dropped
-    assert [os.path.basename(f) for f in ds.files] == [f"COCO_train2014_0000000000{i}.jpg" for i in (11, 13, 14)]
+    assert [os.path.basename(f) for f in ds.files] == [
+        f"COCO_train2014_0000000000{i}.jpg" for i in (11, 13, 14)
+    ]
     img, target, sizes = ds[0]
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32
     assert target.dtype == torch.float32 and sizes.dtype == torch.int64
-    assert target.tolist() == [1, 0, 0] and sizes.tolist() == [2, 0, 0]  # 5000 medium, 500 small -> medium
+    assert target.tolist() == [1, 0, 0] and sizes.tolist() == [
+        2,
+        0,
+        0,
+    ]  # 5000 medium, 500 small -> medium
     _, target, sizes = ds[1]  # crowd-only image: counted, as in ASL
     assert target.tolist() == [0, 1, 0] and sizes.tolist() == [0, 3, 0]
     _, target, sizes = ds[2]  # 1024.0 = 32^2 is medium, 1023.9 small, 9216 = 96^2 large
@@ -1289,7 +1497,11 @@ def test_data_coco_labels_order_sizes_and_protocol(tmp_path):
     anns = _data_coco_json(str(tmp_path))["annotations"]
     del anns[0]["area"]  # no area: the box's w * h = 1 (small) instead of 5000 (medium)
     _data_coco_json(str(tmp_path), annotations=anns)
-    assert data.build_dataset("coco", str(tmp_path), "train", 32, False).sizes[0].tolist() == [1, 0, 0]
+    assert data.build_dataset("coco", str(tmp_path), "train", 32, False).sizes[0].tolist() == [
+        1,
+        0,
+        0,
+    ]
 
 
 def test_data_coco_missing_files(tmp_path):
@@ -1306,13 +1518,32 @@ def test_data_coco_missing_files(tmp_path):
         ds[1]
 
 
-@pytest.mark.parametrize("field, change, message", [
-    ("annotations", lambda a: a.append(dict(a[0], id=99, image_id=404)), "annotation 99 names an unlisted image 404"),
-    ("annotations", lambda a: a.append(dict(a[0], id=98, category_id=2)), "annotation 98 names an unlisted category 2"),
-    ("annotations", lambda a: [x.pop(k) for x in a[:1] for k in ("area", "bbox")], "neither an area nor a bbox"),
-    ("annotations", lambda a: a[0].update(area="big"), "malformed"),
-    ("images", lambda i: i.append(dict(i[0], file_name="other.jpg")), "image id 11 is listed twice"),
-])
+@pytest.mark.parametrize(
+    "field, change, message",
+    [
+        (
+            "annotations",
+            lambda a: a.append(dict(a[0], id=99, image_id=404)),
+            "annotation 99 names an unlisted image 404",
+        ),
+        (
+            "annotations",
+            lambda a: a.append(dict(a[0], id=98, category_id=2)),
+            "annotation 98 names an unlisted category 2",
+        ),
+        (
+            "annotations",
+            lambda a: [x.pop(k) for x in a[:1] for k in ("area", "bbox")],
+            "neither an area nor a bbox",
+        ),
+        ("annotations", lambda a: a[0].update(area="big"), "malformed"),
+        (
+            "images",
+            lambda i: i.append(dict(i[0], file_name="other.jpg")),
+            "image id 11 is listed twice",
+        ),
+    ],
+)
 def test_data_coco_refuses_inconsistent_annotations(tmp_path, field, change, message):
     """Each is one line naming the file; a duplicate image id would silently give one image's
     labels to another."""
@@ -1327,10 +1558,14 @@ def test_data_coco_refuses_inconsistent_annotations(tmp_path, field, change, mes
 
 def test_data_coco_refuses_wrong_field_types_and_no_classes(tmp_path):
     _data_coco_fixture(str(tmp_path))
-    for i, changes in enumerate(({"images": None}, {"annotations": {"1": 2}}, {"categories": "person"})):
+    for i, changes in enumerate(
+        ({"images": None}, {"annotations": {"1": 2}}, {"categories": "person"})
+    ):
         _data_coco_fixture(str(tmp_path / str(i)))
         _data_coco_json(str(tmp_path / str(i)), **changes)
-        with pytest.raises(InputError, match='"images", "annotations" and "categories" must be lists'):
+        with pytest.raises(
+            InputError, match='"images", "annotations" and "categories" must be lists'
+        ):
             data.build_dataset("coco", str(tmp_path / str(i)), "train", 32, False)
     _data_coco_fixture(str(tmp_path / "fresh"))
     _data_coco_json(str(tmp_path / "fresh"), categories=[], annotations=[])  # would train 0 classes
@@ -1343,6 +1578,7 @@ def test_data_coco_refuses_wrong_field_types_and_no_classes(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # VOC
+
 
 def test_data_voc_difficult_protocol_and_sizes(tmp_path):
     base = _data_voc_fixture(str(tmp_path))
@@ -1375,13 +1611,24 @@ def test_data_voc_missing_test_set(tmp_path):
     assert "test.txt" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ("<bndbox><xmin>5</xmin><ymin>5</ymin><xmax>100</xmax><ymax>95</ymax></bndbox>", "", "without a <bndbox>"),
-    ("<xmin>5</xmin>", "<xmin>five</xmin>", "without a <bndbox> of numeric"),
-    ("<name>chair</name>", "<name>chiar</name>", "unknown class 'chiar'"),
-    ("<annotation>", '<!DOCTYPE a [<!ENTITY e SYSTEM "file:///etc/passwd">]><annotation>', "DOCTYPE"),
-    ("</annotation>", "", "not XML"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            "<bndbox><xmin>5</xmin><ymin>5</ymin><xmax>100</xmax><ymax>95</ymax></bndbox>",
+            "",
+            "without a <bndbox>",
+        ),
+        ("<xmin>5</xmin>", "<xmin>five</xmin>", "without a <bndbox> of numeric"),
+        ("<name>chair</name>", "<name>chiar</name>", "unknown class 'chiar'"),
+        (
+            "<annotation>",
+            '<!DOCTYPE a [<!ENTITY e SYSTEM "file:///etc/passwd">]><annotation>',
+            "DOCTYPE",
+        ),
+        ("</annotation>", "", "not XML"),
+    ],
+)
 def test_data_voc_refuses_bad_objects(tmp_path, old, new, message):
     base = _data_voc_fixture(str(tmp_path))
     path = os.path.join(base, "Annotations", "000005.xml")
@@ -1398,6 +1645,7 @@ def test_data_voc_refuses_bad_objects(tmp_path, old, new, message):
 # ---------------------------------------------------------------------------------------------
 # NUS-WIDE
 
+
 def _data_nus_csv(root, rows, encoding="utf-8"):
     with open(os.path.join(root, "nus_wid_data.csv"), "w", encoding=encoding) as f:
         f.write("filepath,label,split_name\n" + "".join(r + "\n" for r in rows))
@@ -1405,11 +1653,16 @@ def _data_nus_csv(root, rows, encoding="utf-8"):
 
 def test_data_nuswide_asl_csv(tmp_path):
     root = str(tmp_path)
-    _data_nus_csv(root, ["images/a.jpg,\"['sky', 'clouds']\",train",
-                         "images/b.jpg,\"['water']\",train",
-                         "images/gone.jpg,\"['sky']\",train",
-                         "images/c.jpg,[],val",
-                         "images/d.jpg,\"['zebra', 'sky']\",val"])
+    _data_nus_csv(
+        root,
+        [
+            "images/a.jpg,\"['sky', 'clouds']\",train",
+            "images/b.jpg,\"['water']\",train",
+            "images/gone.jpg,\"['sky']\",train",
+            "images/c.jpg,[],val",
+            "images/d.jpg,\"['zebra', 'sky']\",val",
+        ],
+    )
     for name in "abcd":
         _data_jpeg(os.path.join(root, "images", f"{name}.jpg"))
     with pytest.warns(UserWarning, match="1 of 3"):
@@ -1422,20 +1675,28 @@ def test_data_nuswide_asl_csv(tmp_path):
     assert len(val) == 2 and val.targets.tolist() == [[0, 0, 0, 0], [0, 1, 0, 1]]
 
 
-@pytest.mark.parametrize("row, message", [
-    ("images/a.jpg,sky,train", "ValueError: malformed node"),  # a bare word: not a Python literal
-    ("images/a.jpg,'sky',train", "not a list of names"),  # a string: must not become s, k, y
-    ("images/a.jpg,\"[1, 2]\",train", "not a list of names"),
-    ("images/a.jpg,\"['sky']\"", "line 2: ValueError"),  # two columns
-    ("images/a.jpg,\"['" + "x" * 200000 + "']\",train", "field larger than field limit"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            "images/a.jpg,sky,train",
+            "ValueError: malformed node",
+        ),  # a bare word: not a Python literal
+        ("images/a.jpg,'sky',train", "not a list of names"),  # a string: must not become s, k, y
+        ('images/a.jpg,"[1, 2]",train', "not a list of names"),
+        ("images/a.jpg,\"['sky']\"", "line 2: ValueError"),  # two columns
+        ("images/a.jpg,\"['" + "x" * 200000 + "']\",train", "field larger than field limit"),
+    ],
+)
 def test_data_nuswide_refuses_bad_rows(tmp_path, row, message):
     root = str(tmp_path)
     _data_jpeg(os.path.join(root, "images", "a.jpg"))
     _data_nus_csv(root, [row])
     with pytest.raises(InputError, match=message) as e:
         data.build_dataset("nuswide", root, "train", 32, False)
-    assert "nus_wid_data.csv" in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 600
+    assert (
+        "nus_wid_data.csv" in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 600
+    )
 
 
 def test_data_nuswide_non_utf8_and_nothing_usable(tmp_path):
@@ -1456,6 +1717,7 @@ def test_data_nuswide_non_utf8_and_nothing_usable(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # image decoding
 
+
 def _data_save(img, path, fmt, **kw):
     img.save(path, fmt, **kw)
     return path
@@ -1472,7 +1734,9 @@ def test_data_image_modes(tmp_path):
     pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     assert data.load_image(_data_save(pal, p("p.png"), "PNG")).getpixel((0, 0)) == (255, 0, 0)
     pal.putpixel((0, 0), 0)
-    out = data.load_image(_data_save(pal, p("pt.png"), "PNG", transparency=0))  # index 0 transparent
+    out = data.load_image(
+        _data_save(pal, p("pt.png"), "PNG", transparency=0)
+    )  # index 0 transparent
     assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (255, 0, 0)
     rgba = Image.new("RGBA", (3, 1))
     rgba.putdata([(255, 0, 0, 0), (0, 0, 255, 255), (0, 0, 0, 128)])
@@ -1491,7 +1755,11 @@ def test_data_image_modes(tmp_path):
     out = data.load_image(_data_save(sixteen, p("16.png"), "PNG"))
     assert [out.getpixel((x, 0)) for x in range(3)] == [(0,) * 3, (128,) * 3, (255,) * 3]  # /257
     bilevel = Image.new("1", (2, 2), 1)
-    assert data.load_image(_data_save(bilevel, p("1.png"), "PNG")).getpixel((0, 0)) == (255, 255, 255)
+    assert data.load_image(_data_save(bilevel, p("1.png"), "PNG")).getpixel((0, 0)) == (
+        255,
+        255,
+        255,
+    )
     for path in (grey, cmyk):
         assert data.load_image(path).mode == "RGB"
 
@@ -1515,7 +1783,9 @@ def test_data_corrupt_truncated_and_draft(tmp_path):
     path = str(tmp_path / "big.jpg")
     big.save(path, "JPEG", quality=90)
     assert data.load_image(path).size == (800, 600)
-    drafted = data.load_image(path, draft_size=96)  # 1/4 scale keeps both sides >= 96 (1/8 would be 75)
+    drafted = data.load_image(
+        path, draft_size=96
+    )  # 1/4 scale keeps both sides >= 96 (1/8 would be 75)
     assert drafted.size == (200, 150)
     raw = open(path, "rb").read()
     trunc = tmp_path / "truncated.jpg"
@@ -1535,12 +1805,20 @@ def test_data_corrupt_truncated_and_draft(tmp_path):
 
 def _data_png_header(path, width, height):
     """A PNG whose header claims width x height (8-bit grey); Pillow reads only the header."""
-    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
-                                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    chunk = lambda kind, body: (
+        struct.pack(">I", len(body))
+        + kind
+        + body
+        + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8))
-                + chunk(b"IEND", b""))
+        f.write(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 8))
+            + chunk(b"IEND", b"")
+        )
     return str(path)
 
 
@@ -1612,6 +1890,7 @@ def test_data_size_category():
 # ---------------------------------------------------------------------------------------------
 # Shapes
 
+
 def test_data_shapes_determinism_and_disjoint_splits():
     a, b = data.Shapes(20, seed=3), data.Shapes(20, seed=3)
     x1, t1, s1 = a[7]
@@ -1623,7 +1902,7 @@ def test_data_shapes_determinism_and_disjoint_splits():
     assert ((t1 == 1) == (s1 > 0)).all()  # every present label has a size, absent ones none
     train = data.build_dataset("shapes", None, "train", 96, False, num_images=30)
     val = data.build_dataset("shapes", None, "val", 96, False)
-    assert len(val) == 2000 and val.index_offset == data.SHAPES_VAL_OFFSET >= 10 ** 9
+    assert len(val) == 2000 and val.index_offset == data.SHAPES_VAL_OFFSET >= 10**9
     tr = {train.image(i).tobytes() for i in range(30)}
     assert not tr & {val.image(i).tobytes() for i in range(30)}
     with pytest.raises(IndexError):
@@ -1632,7 +1911,10 @@ def test_data_shapes_determinism_and_disjoint_splits():
 
 def _data_shapes_stats(ds, n):
     """Label statistics over the first n images, from the layouts (nothing is drawn)."""
-    T, S = np.zeros((n, len(ds.classes)), np.int64), np.zeros((n, len(ds.classes)), np.int64)  # (n, K)
+    T, S = (
+        np.zeros((n, len(ds.classes)), np.int64),
+        np.zeros((n, len(ds.classes)), np.int64),
+    )  # (n, K)
     objects = [ds.layout(i) for i in range(n)]
     for i, objs in enumerate(objects):
         for o in objs:
@@ -1642,9 +1924,14 @@ def _data_shapes_stats(ds, n):
         has_a, kb = T[:, ds.classes.index(a)] == 1, ds.classes.index(b)
         cooc[f"{b}|{a}"], cooc[f"{b}|not {a}"] = T[has_a, kb].mean(), T[~has_a, kb].mean()
     pos = S[T == 1]
-    return dict(cooccurrence=cooc, size_fraction={c: (pos == v).mean() for v, c in enumerate(("small", "medium", "large"), 1)},
-                labels_per_image=T.sum(1).mean(), objects_per_image=max(len(o) for o in objects),
-                class_freq=T.mean(0), objects=objects)
+    return dict(
+        cooccurrence=cooc,
+        size_fraction={c: (pos == v).mean() for v, c in enumerate(("small", "medium", "large"), 1)},
+        labels_per_image=T.sum(1).mean(),
+        objects_per_image=max(len(o) for o in objects),
+        class_freq=T.mean(0),
+        objects=objects,
+    )
 
 
 def test_data_shapes_statistics():
@@ -1685,6 +1972,7 @@ def test_data_shapes_similar_pairs_differ_by_a_hole():
 # ---------------------------------------------------------------------------------------------
 # transforms and loading
 
+
 def test_data_transforms_shape_dtype_and_seed():
     img = data.Shapes(1).image(0)
     train = data.build_transform(64, True)
@@ -1716,7 +2004,9 @@ def test_data_transforms_shape_dtype_and_seed():
 
 
 def test_data_dataloader_workers_reproducible():
-    ds = data.build_dataset("shapes", None, "train", 96, True, num_images=16)  # the paper's augmentation
+    ds = data.build_dataset(
+        "shapes", None, "train", 96, True, num_images=16
+    )  # the paper's augmentation
     assert ds.transform.randaug == (2, 9) and ds.transform.cutout == 0.5
 
     def run():
@@ -1730,7 +2020,9 @@ def test_data_dataloader_workers_reproducible():
     assert x.dtype == torch.float32 and t.dtype == torch.float32 and s.dtype == torch.int64
     for (x1, t1, s1), (x2, t2, s2) in zip(first, second):
         assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(s1, s2)
-    plain = torch.stack([data.Shapes(16, transform=data.build_transform(96, False))[i][0] for i in range(16)])
+    plain = torch.stack(
+        [data.Shapes(16, transform=data.build_transform(96, False))[i][0] for i in range(16)]
+    )
     assert not any(torch.equal(x, plain[i]) for b in first for i, x in enumerate(b[0]))  # augmented
 
 
@@ -1752,8 +2044,14 @@ def _train_log(out):
 def _train_cli(*args, env=None, wait=True):
     """Run `python train.py ARGS` in a subprocess (Popen when wait is False)."""
     cmd = [sys.executable, os.path.join(_TRAIN_REPO, "train.py"), *map(str, args)]
-    p = subprocess.Popen(cmd, cwd=_TRAIN_REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, **(env or {})})
+    p = subprocess.Popen(
+        cmd,
+        cwd=_TRAIN_REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     return p.communicate(timeout=120) + (p.returncode,) if wait else p
 
 
@@ -1785,6 +2083,7 @@ def _train_losses_failing_at(monkeypatch, n, exc):
                 raise exc
             value = value * float("nan")
         return value, parts
+
     monkeypatch.setattr(train, "mitr_loss", loss)
 
 
@@ -1793,8 +2092,28 @@ def _train_run(tmp_path_factory):
     """One short real run (768 Shapes images, 2 epochs of 48 steps, no augmentation: it only slows
     learning this short): its folder, shared by the tests below."""
     out = tmp_path_factory.mktemp("run") / "shapes"
-    train.main(["--num-train", "768", "--num-val", "200", "--batch-size", "16", "--epochs", "2",
-                "--lr", "1e-3", "--randaug", "0", "0", "--cutout", "0", "--out", str(out), *_TRAIN_TINY])
+    train.main(
+        [
+            "--num-train",
+            "768",
+            "--num-val",
+            "200",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--randaug",
+            "0",
+            "0",
+            "--cutout",
+            "0",
+            "--out",
+            str(out),
+            *_TRAIN_TINY,
+        ]
+    )
     return out
 
 
@@ -1804,7 +2123,7 @@ def test_train_short_run_learns(_train_run):
     assert log[0]["kind"] == "config" and log[0]["args"]["variant"] == "tiny"
     epochs = [r for r in log if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2]
-    assert epochs[-1]["train_loss"] < 0.95 * epochs[0]["train_loss"]     # measured: 3.36 -> 3.12
+    assert epochs[-1]["train_loss"] < 0.95 * epochs[0]["train_loss"]  # measured: 3.36 -> 3.12
     # Chance. A random ranking has AP equal to the class's positive rate in expectation over many
     # images (18.5% here: 2.2 labels per image over 12 classes); with 200 images it is a little
     # higher (20.5 +- 1.0 over random score matrices). Calibrated on the same val images: the run
@@ -1817,11 +2136,13 @@ def test_train_short_run_learns(_train_run):
     assert abs(np.mean(chance) - 100 * targets.mean()) < 4
     best = max(r["mAP"] for r in epochs)
     assert best > np.mean(chance) + 4 * np.std(chance), (best, np.mean(chance), np.std(chance))
-    for r in epochs:                                      # the full table, both models, every epoch
+    for r in epochs:  # the full table, both models, every epoch
         assert r["val_rows"] == 200 and r["best_of"] in ("model", "ema")
         for name in ("model", "ema"):
-            assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "AP_s", "AP_m", "AP_l"} <= set(r[name])
-            ap = r[name]["AP_per_class"]                  # K floats, in the checkpoint's class order
+            assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "AP_s", "AP_m", "AP_l"} <= set(
+                r[name]
+            )
+            ap = r[name]["AP_per_class"]  # K floats, in the checkpoint's class order
             assert len(ap) == len(data.SHAPE_CLASSES) and all(isinstance(x, float) for x in ap)
             assert np.nanmean(ap) == pytest.approx(r[name]["mAP"])
     assert sorted(os.listdir(_train_run)) == ["best.pt", "last.pt", "log.jsonl"]
@@ -1850,16 +2171,27 @@ def test_train_predict_cli(_train_run, tmp_path):
     for i in range(2):
         paths.append(tmp_path / f"img{i}.png")
         shapes.image(i).save(paths[-1])
-    out, err, rc = _train_cli("predict", "--checkpoint", _train_run / "best.pt", "--threshold", "0.01",
-                              *paths)
+    out, err, rc = _train_cli(
+        "predict", "--checkpoint", _train_run / "best.pt", "--threshold", "0.01", *paths
+    )
     assert rc == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(str(paths[0]))
     # threshold 0.01 lists (nearly) all 12 classes with probabilities in (0, 1), sorted, plus the count
-    probs = [float(part.rsplit(" ", 1)[1]) for part in lines[0].split(": ", 1)[1].split(" | ")[0].split(", ")]
-    assert len(probs) >= 6 and probs == sorted(probs, reverse=True) and 0 < min(probs) and max(probs) < 1
+    probs = [
+        float(part.rsplit(" ", 1)[1])
+        for part in lines[0].split(": ", 1)[1].split(" | ")[0].split(", ")
+    ]
+    assert (
+        len(probs) >= 6
+        and probs == sorted(probs, reverse=True)
+        and 0 < min(probs)
+        and max(probs) < 1
+    )
     assert int(lines[0].rsplit(": ", 1)[1]) in range(13)
-    res = train.predict(["--checkpoint", str(_train_run / "best.pt"), "--threshold", "0.5", str(paths[0])])
+    res = train.predict(
+        ["--checkpoint", str(_train_run / "best.pt"), "--threshold", "0.5", str(paths[0])]
+    )
     assert all(p >= 0.5 for _, p in res[0]["labels"])
 
 
@@ -1869,25 +2201,32 @@ def test_train_resume_is_exact_and_writes_a_new_folder(tmp_path, monkeypatch, ca
     files stay as they were (so resuming an older best.pt cannot overwrite a newer last.pt)."""
     common = [*_TRAIN_40, "--epochs", "2"]
     writes, save = [], train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda state, path: writes.append(
-        (os.path.basename(path), state["best_map"])) or save(state, path))
+    monkeypatch.setattr(
+        train,
+        "save_checkpoint",
+        lambda state, path: (
+            writes.append((os.path.basename(path), state["best_map"])) or save(state, path)
+        ),
+    )
     train.main([*common, "--out", str(tmp_path / "a")])
     # best.pt is written before last.pt: a kill between any two writes leaves last.pt recording
     # no better mAP than best.pt holds (replay every prefix of the writes)
     assert [w for w, _ in writes].count("last.pt") == 2
     for n in range(len(writes) + 1):
-        on_disk = dict(writes[:n])                        # the newest write of each file
+        on_disk = dict(writes[:n])  # the newest write of each file
         if "last.pt" in on_disk:
             assert "best.pt" in on_disk and on_disk["last.pt"] <= on_disk["best.pt"], writes[:n]
     monkeypatch.undo()
-    _train_losses_failing_at(monkeypatch, 6, KeyboardInterrupt)      # 5 steps per epoch: epoch 2
+    _train_losses_failing_at(monkeypatch, 6, KeyboardInterrupt)  # 5 steps per epoch: epoch 2
     code, err = _train_exit([*common, "--out", tmp_path / "b"], capsys)
     assert code == 130 and f"--resume {tmp_path / 'b' / 'last.pt'}" in err
     monkeypatch.undo()
     half = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert half["epoch"] == 1 and half["step"] == 5
     before = {f: (tmp_path / "b" / f).read_bytes() for f in os.listdir(tmp_path / "b")}
-    train.main(["--resume", str(tmp_path / "b" / "last.pt"), "--out", str(tmp_path / "c"), *_TRAIN_TINY])
+    train.main(
+        ["--resume", str(tmp_path / "b" / "last.pt"), "--out", str(tmp_path / "c"), *_TRAIN_TINY]
+    )
     assert {f: (tmp_path / "b" / f).read_bytes() for f in os.listdir(tmp_path / "b")} == before
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     c = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
@@ -1899,7 +2238,9 @@ def test_train_resume_is_exact_and_writes_a_new_folder(tmp_path, monkeypatch, ca
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(a["optimizer"]["state"][s][k], c["optimizer"]["state"][s][k])
     assert [r["kind"] for r in _train_log(tmp_path / "c")] == ["resume", "epoch"]
-    assert not torch.equal(half["model"]["head.weight"], a["model"]["head.weight"])   # epoch 2 moved them
+    assert not torch.equal(
+        half["model"]["head.weight"], a["model"]["head.weight"]
+    )  # epoch 2 moved them
     # without --out, a resumed run takes a fresh default folder
     monkeypatch.chdir(tmp_path)
     train.main(["--resume", str(tmp_path / "b" / "best.pt"), *_TRAIN_TINY])
@@ -1917,6 +2258,7 @@ def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         with open(f, "wb") as h:
             h.write(b"partial")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(train.torch, "save", dying_save)
     with pytest.raises(data.InputError, match="No space left on device"):
         train.save_checkpoint({"x": torch.zeros(3)}, str(path))
@@ -1924,14 +2266,17 @@ def test_train_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
-def test_train_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_train_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
     real, calls = torch.save, {"n": 0}
 
-    def save(obj, f):                                     # epoch 1: best.pt, last.pt; epoch 2 fails
+    def save(obj, f):  # epoch 1: best.pt, last.pt; epoch 2 fails
         calls["n"] += 1
         if calls["n"] > 2:
             raise OSError(28, "No space left on device")
         real(obj, f)
+
     monkeypatch.setattr(train.torch, "save", save)
     code, err = _train_exit([*_TRAIN_40, "--epochs", "2", "--out", tmp_path / "run"], capsys)
     _train_check_error("No space left on device", err, code)
@@ -1943,9 +2288,19 @@ def test_train_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path
 def test_train_ctrl_c_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the 2nd epoch: exit 130, last.pt still the end of epoch 1. Ctrl-C in the 1st: no
     --resume suggested (there is no last.pt), the message says what to do."""
-    _train_losses_failing_at(monkeypatch, 5, KeyboardInterrupt)     # 3 steps per epoch: epoch 2
+    _train_losses_failing_at(monkeypatch, 5, KeyboardInterrupt)  # 3 steps per epoch: epoch 2
     out = tmp_path / "run"
-    args = ["--num-train", "24", "--num-val", "4", "--batch-size", "8", "--epochs", "3", *_TRAIN_TINY]
+    args = [
+        "--num-train",
+        "24",
+        "--num-val",
+        "4",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        *_TRAIN_TINY,
+    ]
     code, err = _train_exit([*args, "--out", out], capsys)
     assert code == 130 and "--resume" in err
     ck = torch.load(out / "last.pt", weights_only=True)
@@ -1971,20 +2326,42 @@ def test_train_killed_save_leaves_no_visible_junk(tmp_path):
     """SIGKILL inside a checkpoint write (epoch 2's best.pt): the folder shows only the good files;
     the hidden temporary file is replaced by the next write, or removed when the run is resumed."""
     out = tmp_path / "run"
-    code = ("import os, sys, torch, train\n"
-            "real, n = torch.save, [0]\n"
-            "def save(obj, f):\n"
-            "    n[0] += 1\n"
-            "    if n[0] == 3:\n"
-            "        open(f, 'wb').write(b'partial')\n"
-            "        os.kill(os.getpid(), 9)\n"
-            "    real(obj, f)\n"
-            "torch.save = save\n"
-            "train.main(sys.argv[1:])\n")
-    p = subprocess.run([sys.executable, "-c", code, *_TRAIN_40, "--epochs", "2", "--lr", "1e-3",
-                        "--out", str(out)], cwd=_TRAIN_REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import os, sys, torch, train\n"
+        "real, n = torch.save, [0]\n"
+        "def save(obj, f):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 3:\n"
+        "        open(f, 'wb').write(b'partial')\n"
+        "        os.kill(os.getpid(), 9)\n"
+        "    real(obj, f)\n"
+        "torch.save = save\n"
+        "train.main(sys.argv[1:])\n"
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            *_TRAIN_40,
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--out",
+            str(out),
+        ],
+        cwd=_TRAIN_REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == -9, p.stderr[-2000:]
-    assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == ["best.pt", "last.pt", "log.jsonl"]
+    assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == [
+        "best.pt",
+        "last.pt",
+        "log.jsonl",
+    ]
     assert os.path.exists(out / train.TMP)
     train.main(["--resume", str(out / "last.pt"), "--out", str(tmp_path / "more"), *_TRAIN_TINY])
     assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "log.jsonl"]
@@ -1997,14 +2374,14 @@ def test_train_out_is_claimed_exclusively(tmp_path, monkeypatch):
     assert train.claim_out(args) == args.out and os.path.isdir(args.out)
     with pytest.raises(data.InputError, match="already exists"):
         train.claim_out(args)
-    monkeypatch.setattr(train.os.path, "lexists", lambda p: False)    # the other run was faster
+    monkeypatch.setattr(train.os.path, "lexists", lambda p: False)  # the other run was faster
     with pytest.raises(data.InputError, match="File exists"):
         train.claim_out(args)
     monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)                           # the default name: time and process id
+    monkeypatch.chdir(tmp_path)  # the default name: time and process id
     auto = argparse.Namespace(out=None, data="shapes", variant="tiny")
     first = train.claim_out(auto)
-    monkeypatch.setattr(train.os, "getpid", lambda: 1)   # another process in the same second
+    monkeypatch.setattr(train.os, "getpid", lambda: 1)  # another process in the same second
     assert train.claim_out(auto) != first
 
 
@@ -2013,14 +2390,16 @@ def test_train_exactly_5_steps_and_one_cycle_matches_torch(tmp_path):
     of exactly 5 steps, where OneCycleLR divides by zero, trains."""
     for total in (6, 20, 37):
         opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total, pct_start=0.2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=1e-3, total_steps=total, pct_start=0.2
+        )
         for step in range(total):
             lr, beta1 = train.one_cycle(step, total, 1e-3)
             assert lr == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
             assert beta1 == pytest.approx(opt.param_groups[0]["betas"][0], rel=1e-12)
             opt.step()
             sched.step()
-    assert train.one_cycle(0, 5, 1e-3)[0] == pytest.approx(1e-3)          # no warm-up left: the peak
+    assert train.one_cycle(0, 5, 1e-3)[0] == pytest.approx(1e-3)  # no warm-up left: the peak
     train.main([*_TRAIN_40, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 5
 
@@ -2035,7 +2414,9 @@ def test_train_param_groups_decay_weights_only():
     assert "head.weight" in dn and "patch_embed.proj.weight" in dn
     assert "object_token" in nn_ and "norm.weight" in nn_ and "patch_embed.proj.bias" in nn_
     assert any("relative_position_bias_table" in n for n in nn_)
-    assert not any("relative_position_bias_table" in n or n.endswith(".bias") or "norm" in n for n in dn)
+    assert not any(
+        "relative_position_bias_table" in n or n.endswith(".bias") or "norm" in n for n in dn
+    )
     assert len(dn) + len(nn_) == len(names)
 
 
@@ -2044,7 +2425,7 @@ def test_train_ema_update_moves_towards_model():
     with torch.no_grad():
         a.weight.fill_(0.0)
         b.weight.fill_(1.0)
-    train.ema_update(a, b, 0.9)                           # 0.9 * 0 + 0.1 * 1
+    train.ema_update(a, b, 0.9)  # 0.9 * 0 + 0.1 * 1
     assert torch.allclose(a.weight, torch.full((2, 2), 0.1))
 
 
@@ -2053,17 +2434,41 @@ def test_train_ddp_two_cpu_processes(tmp_path):
     """torchrun with 2 gloo processes: trains, and evaluation gathers exactly len(val) rows (25 is
     odd, so one rank pads) in dataset order, i.e. the metrics equal a 1-process evaluation."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(_TRAIN_REPO, "train.py"), "--num-train", "64", "--num-val", "25",
-           "--batch-size", "16", "--epochs", "1", "--out", str(out), *_TRAIN_TINY]
-    p = subprocess.run(cmd, cwd=_TRAIN_REPO, capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(_TRAIN_REPO, "train.py"),
+        "--num-train",
+        "64",
+        "--num-val",
+        "25",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        *_TRAIN_TINY,
+    ]
+    p = subprocess.run(
+        cmd,
+        cwd=_TRAIN_REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("epoch 1 val model") == 1       # only rank 0 prints
+    assert p.stdout.count("epoch 1 val model") == 1  # only rank 0 prints
     log = _train_log(out)
     assert log[0]["world_size"] == 2
     ep = [r for r in log if r["kind"] == "epoch"]
-    assert len(ep) == 1 and ep[0]["val_rows"] == 25 and ep[0]["step"] == 4   # 64 / 16 = 4 global steps
+    assert (
+        len(ep) == 1 and ep[0]["val_rows"] == 25 and ep[0]["step"] == 4
+    )  # 64 / 16 = 4 global steps
     single = train.main(["--resume", str(out / "last.pt"), "--eval-only", *_TRAIN_TINY])
     for name in ("model", "ema"):
         assert single[name]["mAP"] == pytest.approx(ep[0][name]["mAP"], abs=1e-4)
@@ -2079,16 +2484,34 @@ def _train_coco(root, bad=None):
         images, anns = [], []
         for i in range(n):
             name = f"COCO_{split}2014_{i:012d}.jpg"
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"{split}2014" / name)
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                root / f"{split}2014" / name
+            )
             if name == bad:
                 (root / f"{split}2014" / name).write_bytes(b"\xff\xd8 not really a jpeg")
             images.append({"id": i + 1, "file_name": name, "width": 48, "height": 40})
-            anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 3, "area": 300.0,
-                         "bbox": [1, 1, 20, 15], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": i + 1,
+                    "image_id": i + 1,
+                    "category_id": 1 + i % 3,
+                    "area": 300.0,
+                    "bbox": [1, 1, 20, 15],
+                    "iscrowd": 0,
+                }
+            )
         os.makedirs(root / "annotations", exist_ok=True)
         with open(root / "annotations" / f"instances_{split}2014.json", "w") as f:
-            json.dump({"images": images, "annotations": anns, "categories": [
-                {"id": c, "name": f"class{c}", "supercategory": "x"} for c in (1, 2, 3)]}, f)
+            json.dump(
+                {
+                    "images": images,
+                    "annotations": anns,
+                    "categories": [
+                        {"id": c, "name": f"class{c}", "supercategory": "x"} for c in (1, 2, 3)
+                    ],
+                },
+                f,
+            )
 
 
 @pytest.mark.slow
@@ -2099,25 +2522,65 @@ def test_train_worker_errors_are_the_same_one_line(tmp_path, capsys):
     errs = []
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
-        code, err = _train_exit(["--data", "coco", "--data-dir", tmp_path / "coco", "--variant", "tiny",
-                                 "--img-size", "96", "--batch-size", "4", "--epochs", "1", "--device", "cpu",
-                                 "--workers", workers, "--out", out], capsys)
+        code, err = _train_exit(
+            [
+                "--data",
+                "coco",
+                "--data-dir",
+                tmp_path / "coco",
+                "--variant",
+                "tiny",
+                "--img-size",
+                "96",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--workers",
+                workers,
+                "--out",
+                out,
+            ],
+            capsys,
+        )
         _train_check_error("COCO_train2014_000000000005.jpg", err, code)
         errs.append(err.replace(str(out), "OUT"))
     assert errs[0] == errs[1]
     _train_coco(tmp_path / "coco2", bad="COCO_val2014_000000000002.jpg")
-    code, err = _train_exit(["--data", "coco", "--data-dir", tmp_path / "coco2", "--variant", "tiny",
-                             "--img-size", "96", "--batch-size", "4", "--device", "cpu", "--workers", "0",
-                             "--out", tmp_path / "v"], capsys)
+    code, err = _train_exit(
+        [
+            "--data",
+            "coco",
+            "--data-dir",
+            tmp_path / "coco2",
+            "--variant",
+            "tiny",
+            "--img-size",
+            "96",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            tmp_path / "v",
+        ],
+        capsys,
+    )
     _train_check_error("COCO_val2014_000000000002.jpg", err, code)
-    assert not os.path.exists(tmp_path / "v")             # stopped before the run folder was made
+    assert not os.path.exists(tmp_path / "v")  # stopped before the run folder was made
 
 
 def _train_bad_cases(run, tmp_path):
     """{expected message: argv} for every bad input (files made in tmp_path)."""
     ck = torch.load(run / "last.pt", weights_only=True)
-    torch.save(dict(ck, classes=ck["classes"][:5]), tmp_path / "five.pt")      # another dataset
-    torch.save(dict(ck, classes=ck["classes"] + ["extra"]), tmp_path / "thirteen.pt")  # weights do not fit
+    torch.save(dict(ck, classes=ck["classes"][:5]), tmp_path / "five.pt")  # another dataset
+    torch.save(
+        dict(ck, classes=ck["classes"] + ["extra"]), tmp_path / "thirteen.pt"
+    )  # weights do not fit
     torch.save({k: v for k, v in ck.items() if k != "optimizer"}, tmp_path / "noopt.pt")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
@@ -2147,17 +2610,39 @@ def _train_bad_cases(run, tmp_path):
         "--lr 1.0 differs from checkpoint": ["--resume", run / "last.pt", "--lr", "1"],
         "trained on 5 classes": ["--resume", tmp_path / "five.pt", "--eval-only"],
         "lacks optimizer": ["--resume", tmp_path / "noopt.pt"],
-        "weights do not fit": ["predict", "--checkpoint", tmp_path / "thirteen.pt", tmp_path / "broken.png"],
-        "cannot read checkpoint": ["predict", "--checkpoint", tmp_path / "notackpt.pt", tmp_path / "broken.png"],
+        "weights do not fit": [
+            "predict",
+            "--checkpoint",
+            tmp_path / "thirteen.pt",
+            tmp_path / "broken.png",
+        ],
+        "cannot read checkpoint": [
+            "predict",
+            "--checkpoint",
+            tmp_path / "notackpt.pt",
+            tmp_path / "broken.png",
+        ],
         "broken.png": ["predict", "--checkpoint", run / "best.pt", tmp_path / "broken.png"],
         "(see python train.py predict --help)": ["predict", "--bogus"],
-        "--threshold 0.0 must be in (0, 1) (see python train.py predict --help)":
-            ["predict", "--checkpoint", run / "best.pt", "--threshold", "0", tmp_path / "broken.png"],
+        "--threshold 0.0 must be in (0, 1) (see python train.py predict --help)": [
+            "predict",
+            "--checkpoint",
+            run / "best.pt",
+            "--threshold",
+            "0",
+            tmp_path / "broken.png",
+        ],
         "already exists": ["--out", tmp_path / "empty", "--num-val", "4"],
         "--out '' is empty": ["--out", "", "--num-val", "4"],
         "cannot write --out": ["--out", tmp_path / "afile" / "run", "--num-val", "4"],
         "cannot read --init": ["--init", tmp_path / "notackpt.pt", "--eval-only", "--num-val", "4"],
-        "--init " + str(tmp_path / "list.pth"): ["--init", tmp_path / "list.pth", "--eval-only", "--num-val", "4"],
+        "--init " + str(tmp_path / "list.pth"): [
+            "--init",
+            tmp_path / "list.pth",
+            "--eval-only",
+            "--num-val",
+            "4",
+        ],
         "--eval-only needs a model": ["--eval-only"],
         "no CUDA device": ["--device", "cuda"],
     }
@@ -2172,8 +2657,13 @@ def test_train_bad_inputs_one_line_exit_2(_train_run, tmp_path, capsys):
     cases = _train_bad_cases(_train_run, tmp_path)
     if torch.cuda.is_available():
         del cases["no CUDA device"]
-    sub = ["unrecognized arguments: --bogus", "coco: ", "--variant s differs from checkpoint",
-           "broken.png", "already exists"]
+    sub = [
+        "unrecognized arguments: --bogus",
+        "coco: ",
+        "--variant s differs from checkpoint",
+        "broken.png",
+        "already exists",
+    ]
     procs = {msg: _train_cli(*cases.pop(msg), wait=False) for msg in sub}
     for msg, args in cases.items():
         code, err = _train_exit(args, capsys)
@@ -2189,9 +2679,24 @@ def test_train_resume_takes_the_checkpoints_settings(_train_run, tmp_path, capsy
     differ, others only if equal to the checkpoint's."""
     code, err = _train_exit(["--resume", _train_run / "last.pt", "--lr", "1"], capsys)
     assert code == 2 and "--lr 1.0 differs" in err
-    args, ck = train.parse_args(["--workers", "3", "--resume", str(_train_run / "last.pt"), "--lr", "1e-3",
-                                 "--out", str(tmp_path / "x")])
-    assert args.workers == 3 and args.lr == 1e-3 and args.num_train == 768 and args.out == str(tmp_path / "x")
+    args, ck = train.parse_args(
+        [
+            "--workers",
+            "3",
+            "--resume",
+            str(_train_run / "last.pt"),
+            "--lr",
+            "1e-3",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert (
+        args.workers == 3
+        and args.lr == 1e-3
+        and args.num_train == 768
+        and args.out == str(tmp_path / "x")
+    )
     args, _ = train.parse_args(["--data", "coco", "--data-dir", "d"])
     assert (args.variant, args.lr, args.img_size, args.ema_decay) == ("s", 1e-4, 224, 0.9997)
 
@@ -2206,7 +2711,9 @@ def test_train_init_from_swin(tmp_path, capsys):
     torch.save({"model": {**sd, "layers.7.blocks.0.extra": torch.zeros(2)}}, tmp_path / "odd.pth")
     tiny = ["--num-val", "4", "--eval-only", *_TRAIN_TINY]
     train.main(["--init", str(tmp_path / "swin.pth"), *tiny])
-    expected = mitr.format_swin_report(mitr.load_swin(mitr.MITr(mitr.VARIANTS["tiny"], 12), {"model": sd}))
+    expected = mitr.format_swin_report(
+        mitr.load_swin(mitr.MITr(mitr.VARIANTS["tiny"], 12), {"model": sd})
+    )
     assert expected in capsys.readouterr().out
     code, err = _train_exit(["--init", tmp_path / "odd.pth", *tiny], capsys)
     assert code == 2 and err.count("\n") == 1 and "--init" in err
@@ -2214,7 +2721,13 @@ def test_train_init_from_swin(tmp_path, capsys):
     # the weights really arrive: a model built the way train.py builds it, then loaded
     r = train.setup(["--init", str(tmp_path / "swin.pth"), *tiny])
     got, want = r.model.state_dict(), donor.state_dict()
-    shared = [k for k in want if k in got and "cross_window" not in k and not k.startswith(("head", "object_token", "count_head"))]
+    shared = [
+        k
+        for k in want
+        if k in got
+        and "cross_window" not in k
+        and not k.startswith(("head", "object_token", "count_head"))
+    ]
     assert shared and all(torch.equal(got[k], want[k]) for k in shared)
 
 
@@ -2238,7 +2751,9 @@ def _notebooks_load(name):
 
 def test_notebooks_all_present():
     found = sorted(p.name for p in _NOTEBOOKS_DIR.glob("*.ipynb"))
-    assert found == sorted(_NOTEBOOKS_NAMES), f"notebooks/ holds {found}, expected {_NOTEBOOKS_NAMES}"
+    assert found == sorted(_NOTEBOOKS_NAMES), (
+        f"notebooks/ holds {found}, expected {_NOTEBOOKS_NAMES}"
+    )
 
 
 @pytest.mark.parametrize("name", _NOTEBOOKS_NAMES)
@@ -2253,9 +2768,13 @@ def test_notebooks_committed_with_outputs(name):
     assert counts == sorted(counts), f"{name}: cells were executed out of order {counts}"
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{name}: stored outputs contain an error: {errors[0].get('ename')}"
-    assert sum(bool(c.get("outputs")) for c in code) >= len(code) // 2, f"{name}: most cells have no output"
+    assert sum(bool(c.get("outputs")) for c in code) >= len(code) // 2, (
+        f"{name}: most cells have no output"
+    )
     size = (_NOTEBOOKS_DIR / name).stat().st_size
-    assert size < 600_000, f"{name} is {size // 1000} KB; keep figures small (dpi ~80, JPEG for images)"
+    assert size < 600_000, (
+        f"{name} is {size // 1000} KB; keep figures small (dpi ~80, JPEG for images)"
+    )
 
 
 @pytest.mark.slow
@@ -2263,10 +2782,14 @@ def test_notebooks_committed_with_outputs(name):
 def test_notebooks_execute_in_fast_mode(name, monkeypatch):
     """Run the notebook headlessly in notebooks/ (its working directory when opened in Jupyter);
     any cell error fails the test with that cell's traceback."""
-    monkeypatch.setenv("MITR_NB_FAST", "1")            # the kernel inherits the environment
+    monkeypatch.setenv("MITR_NB_FAST", "1")  # the kernel inherits the environment
     nb = nbformat.read(str(_NOTEBOOKS_DIR / name), as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(_NOTEBOOKS_DIR)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(_NOTEBOOKS_DIR)}},
+    )
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
