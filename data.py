@@ -838,8 +838,9 @@ class _Placement(NamedTuple):
 
 
 class Shapes(EpochDataset):
-    """Synthetic multi-label images, generated on the fly. Item i is image index_offset + i of
-    the stream `seed`, and depends on nothing else (not the order of access, process or worker).
+    """Synthetic multi-label images, generated on the fly. Item i is image index_offset + epoch *
+    num_images + i of the stream `seed` (set_epoch: fresh images every epoch), and depends on
+    nothing else (not the order of access, process or worker).
     `layout(i)` gives its objects, `image(i)` the untransformed PIL image; transform=None only
     converts to a normalised tensor."""
 
@@ -858,8 +859,10 @@ class Shapes(EpochDataset):
     def _rng(self, i):
         if not 0 <= i < self.num_images:
             raise IndexError(f"Shapes index {i} out of range [0, {self.num_images})")
-        # str seeding hashes with SHA-512: the same stream in every process, every Python run.
-        return random.Random(f"shapes/{self.seed}/{self.index_offset + i}")
+        # A training split draws fresh images each epoch (set_epoch); str seeding hashes with
+        # SHA-512: the same stream in every process, every Python run.
+        index = self.index_offset + self.epoch * self.num_images + i
+        return random.Random(f"shapes/{self.seed}/{index}")
 
     def _labels(self, rng):
         """Classes present: 1-3 drawn uniformly, then the co-occurrence rules."""

@@ -1662,6 +1662,7 @@ def _data_coco_fixture(root):
         {"id": 13, "file_name": "COCO_train2014_000000000013.jpg", "width": 16, "height": 12},
         {"id": 14, "file_name": "COCO_train2014_000000000014.jpg", "width": 16, "height": 12},
     ]
+
     def ann(i, img, cat, area, crowd=0):
         return {
             "id": i,
@@ -1955,7 +1956,11 @@ def _data_cvat_export(root):
         _data_jpeg(os.path.join(root, "cvat", "images", name))
     val = {
         "images": [{"width": 16, "height": 12, "id": 0, "file_name": "images/v0.jpg"}],
-        "categories": [{"id": 0, "name": "dog"}, {"id": 1, "name": "bird"}, {"id": 2, "name": "cat"}],
+        "categories": [
+            {"id": 0, "name": "dog"},
+            {"id": 1, "name": "bird"},
+            {"id": 2, "name": "cat"},
+        ],
         "annotations": [
             {"id": 0, "image_id": 0, "category_id": 0, "bbox": [1, 1, 20, 20], "ignore": 0}
             | {"iscrowd": 0, "area": 400}
@@ -2330,6 +2335,7 @@ def _data_save(img, path, fmt, **kw):
 
 def test_data_image_modes(tmp_path):
     """Every mode comes out as the RGB a viewer shows. Hand-worked values in the comments."""
+
     def p(name):
         return str(tmp_path / name)
 
@@ -2583,6 +2589,20 @@ def _data_shapes_stats(ds, n):
     )
 
 
+def test_data_shapes_fresh_images_every_epoch():
+    """set_epoch(e) draws another stream slice: epoch 1's image i is image num_images + i of epoch
+    0's stream, so no two epochs repeat an image and each epoch is reproducible."""
+    shapes = data.Shapes(4, img_size=32)
+    first = [shapes[i][0] for i in range(4)]
+    shapes.set_epoch(1)
+    second = [shapes[i][0] for i in range(4)]
+    longer = data.Shapes(8, img_size=32)
+    assert all(not torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert all(torch.equal(second[i], longer[4 + i][0]) for i in range(4))
+    shapes.set_epoch(0)
+    assert all(torch.equal(first[i], shapes[i][0]) for i in range(4))
+
+
 def test_data_shapes_statistics():
     ds = data.Shapes(1500, seed=0)
     st = _data_shapes_stats(ds, 1500)
@@ -2662,7 +2682,9 @@ def test_data_transforms_shape_dtype_and_seed():
 def test_data_augmentation_does_not_depend_on_the_worker_count():
     """With the paper's augmentation on, 0 and 2 DataLoader workers give bitwise the same
     batches; set_epoch gives each epoch its own augmentation."""
-    splits = _data_splits("shapes", img_size=64, randaug=(2, 9), cutout=0.5, num_train=12, num_val=1)
+    splits = _data_splits(
+        "shapes", img_size=64, randaug=(2, 9), cutout=0.5, num_train=12, num_val=1
+    )
     ds = splits.train
     assert ds.transform.randaug == (2, 9) and ds.transform.cutout == 0.5
 
@@ -2679,9 +2701,15 @@ def test_data_augmentation_does_not_depend_on_the_worker_count():
     for (x0, t0, s0), (x2, t2, s2) in zip(zero, two, strict=True):
         assert torch.equal(x0, x2) and torch.equal(t0, t2) and torch.equal(s0, s2)
     next_epoch = epoch(2, 2)
-    assert all(not torch.equal(a[0][i], b[0][i]) for a, b in zip(zero, next_epoch, strict=True) for i in range(4))
+    assert all(
+        not torch.equal(a[0][i], b[0][i])
+        for a, b in zip(zero, next_epoch, strict=True)
+        for i in range(4)
+    )
     plain = _data_splits("shapes", img_size=64, num_train=12, num_val=1).train
-    assert not any(torch.equal(x, plain[4 * b + i][0]) for b in range(3) for i, x in enumerate(zero[b][0]))
+    assert not any(
+        torch.equal(x, plain[4 * b + i][0]) for b in range(3) for i, x in enumerate(zero[b][0])
+    )
 
 
 # =============================================================================
@@ -2901,38 +2929,6 @@ def test_train_eval_only_reproduces_logged_metrics(_train_run, capsys):
     assert sorted(os.listdir(_train_run)) == before
 
 
-@pytest.mark.slow
-def test_train_predict_cli(_train_run, tmp_path):
-    """Inference on image files: labels above threshold with probabilities, and the count head."""
-    shapes = data.Shapes(2)
-    paths = []
-    for i in range(2):
-        paths.append(tmp_path / f"img{i}.png")
-        shapes.image(i).save(paths[-1])
-    out, err, rc = _train_cli(
-        "predict", "--checkpoint", _train_run / "best.pt", "--threshold", "0.01", *paths
-    )
-    assert rc == 0, err
-    lines = out.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith(str(paths[0]))
-    # threshold 0.01 lists (nearly) all 12 classes with probabilities in (0, 1), sorted, plus the count
-    probs = [
-        float(part.rsplit(" ", 1)[1])
-        for part in lines[0].split(": ", 1)[1].split(" | ")[0].split(", ")
-    ]
-    assert (
-        len(probs) >= 6
-        and probs == sorted(probs, reverse=True)
-        and 0 < min(probs)
-        and max(probs) < 1
-    )
-    assert int(lines[0].rsplit(": ", 1)[1]) in range(13)
-    res = train.predict(
-        ["--checkpoint", str(_train_run / "best.pt"), "--threshold", "0.5", str(paths[0])]
-    )
-    assert all(p >= 0.5 for _, p in res[0]["labels"])
-
-
 def test_train_resume_is_exact_and_writes_a_new_folder(tmp_path, monkeypatch, capsys):
     """2 epochs in one go == 1 epoch, Ctrl-C in the 2nd, --resume last.pt: bitwise-equal model, EMA
     and optimizer state on CPU (and best.pt is always written first). The resumed run writes into a
@@ -2993,7 +2989,13 @@ def test_train_resume_with_other_workers_is_exact_with_augmentation(tmp_path, mo
     common += ["--batch-size", "8", "--randaug", "2", "9", "--cutout", "0.5", "--epochs", "2"]
     common += ["--ema-decay", "0.9", "--device", "cpu"]
     splits = data.load_splits(
-        "csv", data_dir=root, img_size=96, randaug=(2, 9), cutout=0.5, seed=0, num_train=0,
+        "csv",
+        data_dir=root,
+        img_size=96,
+        randaug=(2, 9),
+        cutout=0.5,
+        seed=0,
+        num_train=0,
         num_val=0,
     )
     first = splits.train[0][0]
@@ -3415,8 +3417,6 @@ def _train_coco(root, bad=None):
                 },
                 f,
             )
-
-
 
 
 @pytest.mark.slow
@@ -3964,3 +3964,18 @@ def test_notebooks_execute_in_fast_mode(name, monkeypatch):
     client.execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Style: the field's formatting rules (pyproject.toml), checked by the same command as the tests
+
+
+@pytest.mark.parametrize("command", [["format", "--check"], ["check"]])
+def test_style_ruff(command):
+    """`ruff format --check` and `ruff check` (line length 100; rules E, W, F, B, I) pass on every
+    Python file, so README's test command and .ci/run enforce them."""
+    root = pathlib.Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-m", "ruff", *command, "."], cwd=root, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
