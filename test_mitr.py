@@ -3194,8 +3194,7 @@ def test_train_random_kills_leave_resumable_checkpoints(tmp_path):
         if ck["epoch"] < 2:  # continue it as the line after the kill says
             name = "last.pt" if "last.pt" in cks else "best.pt"
             resume = ["--resume", out / name, *_TRAIN_TINY, "--out", tmp_path / f"resumed{trial}"]
-            with contextlib.redirect_stdout(None):
-                train.main([str(a) for a in resume])
+            assert _train_wait(_train_fork(resume)) == 0  # one thread, as the reference ran
             ck = torch.load(tmp_path / f"resumed{trial}" / "last.pt", weights_only=True)
             resumed += 1
         assert _train_same_state(ck, ref), trial

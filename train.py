@@ -46,6 +46,7 @@ import secrets
 import shlex
 import signal
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -1286,14 +1287,18 @@ def stopped(e, out, cfg):
     return type(e)("; ".join(part for part in (str(e).strip(), hint) if part))
 
 
+CTRL_C = threading.Event()  # set by interrupt_once: this run was stopped by Ctrl-C
+
+
 def interrupted():
     """Whether Ctrl-C has stopped this run (interrupt_once has run)."""
-    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    return CTRL_C.is_set()
 
 
 def interrupt_once(signum, frame):
     """Ctrl-C stops the run (KeyboardInterrupt); later ones are ignored while it cleans up and
     says what is on disk, so the one line is not buried under the workers' noise."""
+    CTRL_C.set()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
@@ -1306,6 +1311,7 @@ def main(argv=None):
     name = "train.py"
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         name = f"train.py (rank {rank})"
+    CTRL_C.clear()
     previous = signal.signal(signal.SIGINT, interrupt_once)
     try:
         if argv[:1] == ["predict"]:
