@@ -4,6 +4,7 @@
 import argparse
 import contextlib
 import copy
+import csv
 import dataclasses
 import json
 import math
@@ -3261,6 +3262,63 @@ def test_train_ema_update_moves_towards_model():
         b.weight.fill_(1.0)
     train.ema_update(a, b, 0.9)  # 0.9 * 0 + 0.1 * 1
     assert torch.allclose(a.weight, torch.full((2, 2), 0.1))
+
+
+@pytest.mark.parametrize("layout", ["csv", "cvat"])
+def test_train_own_data_trains_evaluates_and_predicts(tmp_path, layout):
+    """Both layouts of your own data (README, "Your own data"): a run of one step, --eval-only on
+    its checkpoint, and predict over the image folder writing one CSV row per image."""
+    if layout == "csv":
+        _data_csv_fixture(str(tmp_path))
+        flags = ["--data", "csv", "--data-dir", tmp_path]
+        images, classes = tmp_path / "photos", ["bird", "cat", "dog"]
+    else:
+        files = _data_cvat_export(str(tmp_path))
+        flags = ["--data", "coco", "--train-json", files.train_json, "--train-images"]
+        flags += [
+            files.train_images,
+            "--val-json",
+            files.val_json,
+            "--val-images",
+            files.val_images,
+        ]
+        images, classes = tmp_path / "cvat" / "images", ["cat", "dog", "bird"]
+    common = [*flags, "--variant", "tiny", "--img-size", "96", "--randaug", "2", "9", *_TRAIN_TINY]
+    with contextlib.redirect_stdout(None):
+        train.main(
+            [str(a) for a in [*common, "--epochs", "1", "--batch-size", "2"]]
+            + ["--out", str(tmp_path / "run")]
+        )
+        reports = train.main(
+            [
+                str(a)
+                for a in [
+                    *flags,
+                    "--resume",
+                    tmp_path / "run" / "last.pt",
+                    "--eval-only",
+                    *_TRAIN_TINY,
+                ]
+            ]
+        )
+    assert set(reports) == {"model", "ema"} and len(reports["model"]["AP_per_class"]) == 3
+    out = tmp_path / "labels.csv"
+    argv = [
+        "predict",
+        "--checkpoint",
+        tmp_path / "run" / "best.pt",
+        images,
+        "--out",
+        out,
+        "--workers",
+        "0",
+    ]
+    with contextlib.redirect_stdout(None):
+        train.main([str(a) for a in argv])
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "labels", "count", *classes]
+    assert len(rows) - 1 == len(data.list_images([images]))
 
 
 def _train_adam_step(cfg, images, targets, objective):
