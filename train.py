@@ -120,12 +120,12 @@ class TrainConfig:
     eval_only: bool = False  # not in the paper
 
 
-# The embedded default, not from the paper: MITr-tiny from scratch in ~5 minutes of a 2-core CPU.
+# The embedded default, not from the paper: MITr-tiny from scratch in ~7 minutes of a 2-core CPU.
 SHAPES = dict(
     variant="tiny",  # a CPU-sized model (mitr.VARIANTS)
     num_train=12800,  # fresh images every epoch (Shapes.set_epoch): 200 steps of 64 per epoch
     num_val=1000,
-    epochs=3,  # 600 steps fit 5 minutes; 702 steps (3 x 234) scored no better (78.9 vs 79.6)
+    epochs=3,  # 600 steps (442 s, 76.9 mAP); 702 steps (3 x 234) scored no better in a trial
     batch_size=64,  # batch 32 learned less per image (74.2 after 32,000 images)
     lr=1e-3,  # no pretraining; 2e-3 collapsed (the loss rose from step 280)
     ema_decay=0.99,  # ~100 steps: 0.9997 averages over ~3300 steps, more than the whole run
@@ -210,7 +210,7 @@ HELP = dict(
 )
 DESCRIPTION = (
     "Train / evaluate MITr (Cheng et al., 2021). Defaults: Section 4.1 for --data "
-    "coco|voc|nuswide|csv, a ~5-minute CPU demo for --data shapes. Inference: `python train.py "
+    "coco|voc|nuswide|csv, a ~7-minute CPU demo for --data shapes. Inference: `python train.py "
     "predict --help`. Many processes: `torchrun --nproc_per_node=N train.py ...`."
 )
 
