@@ -27,7 +27,7 @@ def bce_loss(logits, y):
     """BCE_i of Eq. (12) per sample, (N,), from logits (N, n) and targets y (N, n)."""
     present = (y == 1).to(logits.dtype)  # the y of Eq. (12); 0 where y = -1
     absent = (y == 0).to(logits.dtype)  # the 1 - y of Eq. (12); 0 where y = -1
-    log_p = F.logsigmoid(logits)
+    log_p = F.logsigmoid(logits)  # log p, p = sigmoid(z) of Eq. (11) / Eq. (13)
     log_1_minus_p = F.logsigmoid(-logits)
     return -(present * log_p).sum(-1) - (absent * log_1_minus_p).sum(-1)  # Eq. (12)
 
@@ -49,7 +49,7 @@ def asl_negative(logits, gamma_neg=4.0, m=0.05, *, detach_focus=True):
     NaN for a non-integer g- (Interpretation 11). For p >= m both forms agree.
     """
     # The shifted probability p_m = max(p - m, 0) and the focusing weight p_m^g-.
-    p_m = (torch.sigmoid(logits) - m).clamp(min=0.0)
+    p_m = (torch.sigmoid(logits) - m).clamp(min=0.0)  # p of Eq. (11) / Eq. (13), shifted
     focus = p_m.pow(gamma_neg)
     if detach_focus:
         focus = focus.detach()
