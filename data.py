@@ -964,10 +964,12 @@ class Shapes(EpochDataset):
             img.paste(o["colour"], o["box"], o["mask"])
         return img
 
-    def image(self, i):
-        """Untransformed PIL image i."""
+    def image(self, i, leave_out=()):
+        """Untransformed PIL image i; with the classes in `leave_out` not drawn, the same image
+        without those objects (they are pasted after every random draw: a counterfactual)."""
         rng = self._rng(i)
-        return self._render(self.layout(i, rng), rng)
+        objects = [o for o in self.layout(i, rng) if o["name"] not in leave_out]
+        return self._render(objects, rng)
 
     def __getitem__(self, i):
         rng = self._rng(i)

@@ -272,8 +272,9 @@ class CrossWindowAttention(nn.Module):
         self.qkv = nn.Linear(n, 3 * n)
         self.proj = nn.Linear(n, n)
 
-    def forward(self, x):
-        """x (B, H, W, C) -> (B, H, W, C)."""
+    def forward(self, x, attn_mask=None):
+        """x (B, H, W, C) -> (B, H, W, C). attn_mask, None in the model: an additive mask
+        broadcastable to (B, C, nW, nW), to cut windows out of the keys (notebook 05)."""
         B, H, W, C = x.shape
         ws = self.ws
         nh = H // ws
@@ -283,7 +284,9 @@ class CrossWindowAttention(nn.Module):
         # attention kernels require (3-D input falls back to the slow math path).
         t = t.permute(0, 5, 1, 3, 2, 4).reshape(B * C, 1, nh * nw, ws * ws)  # (B*C, 1, nW, ws*ws)
         q, k, v = self.qkv(t).chunk(3, dim=-1)  # 3 x (B*C, 1, nW, ws*ws)
-        t = F.scaled_dot_product_attention(q, k, v)  # windows attend to windows
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(B, C, nh * nw, nh * nw).reshape(B * C, 1, nh * nw, -1)
+        t = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # windows to windows
         t = self.proj(t)  # (B*C, 1, nW, ws*ws)
         t = t.view(B, C, nh, nw, ws, ws).permute(0, 2, 4, 3, 5, 1)  # (B, nh, ws, nw, ws, C)
         return t.reshape(B, H, W, C)

@@ -230,6 +230,30 @@ def test_model_cross_window_attention_matches_naive_loop():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_model_cross_window_attention_mask_cuts_keys():
+    """attn_mask (notebook 05's interventions): a window cut out of the keys gets no weight, and a
+    mask keeping each window to itself gives each window its own v, projected."""
+    torch.manual_seed(0)
+    B, H, W, C, ws = 2, 6, 6, 3, 3  # 2 x 2 windows
+    cwa = mitr.CrossWindowAttention(ws).eval()
+    x = torch.randn(B, H, W, C)
+    cut = torch.zeros(B, 1, 1, 4)
+    cut[0, 0, 0, 3] = -math.inf  # image 0: the bottom-right window out of the keys
+    with torch.no_grad():
+        out = cwa(x, attn_mask=cut)
+        changed = x.clone()
+        changed[:, 3:, 3:] += 5.0  # what that window holds no longer matters to image 0 only
+        after = cwa(changed, attn_mask=cut)
+        assert torch.allclose(after[0, :3], out[0, :3], atol=1e-5)
+        assert not torch.allclose(after[1, :3], out[1, :3], atol=1e-3)
+        own = torch.full((4, 4), -math.inf).fill_diagonal_(0)
+        alone = cwa(x, attn_mask=own)
+        t = x[0, :3, :3, 1].reshape(-1)  # image 0, channel 1, the top-left window
+        v = cwa.qkv(t).chunk(3)[2]
+        assert torch.allclose(alone[0, :3, :3, 1].reshape(-1), cwa.proj(v), atol=1e-5)
+        assert torch.equal(cwa(x, attn_mask=torch.zeros(1, 1, 1, 4)), cwa(x))
+
+
 def test_model_space_to_depth_matches_swin_slices():
     torch.manual_seed(0)
     m = mitr.SpaceToDepth(4)
@@ -2602,6 +2626,23 @@ def test_data_shapes_fresh_images_every_epoch():
     assert all(torch.equal(second[i], longer[4 + i][0]) for i in range(4))
     shapes.set_epoch(0)
     assert all(torch.equal(first[i], shapes[i][0]) for i in range(4))
+
+
+def test_data_shapes_counterfactual_leaves_out_only_that_object():
+    """image(i, leave_out) is image i without those classes' objects: the same pixels outside
+    their boxes (objects are pasted after every random draw), the background inside."""
+    shapes = data.Shapes(400, img_size=96)
+    i = next(i for i in range(400) if {"bar", "dot"} <= {o["name"] for o in shapes.layout(i)})
+    full = np.asarray(shapes.image(i))
+    boxes = {o["name"]: o["box"] for o in shapes.layout(i)}
+    for name in ("bar", "dot"):
+        without = np.asarray(shapes.image(i, leave_out=(name,)))
+        x0, y0, x1, y1 = boxes[name]
+        inside = np.zeros(full.shape[:2], bool)
+        inside[y0:y1, x0:x1] = True
+        assert (without[~inside] == full[~inside]).all()
+        assert (without[inside] != full[inside]).any()
+    assert (np.asarray(shapes.image(i, leave_out=())) == full).all()
 
 
 def test_data_shapes_statistics():
