@@ -1537,7 +1537,9 @@ def draw_samples(images, targets, predicted, classes, path):
     """A grid, 4 wide, of up to 16 images (n, 3, H, W), normalised as data.to_tensor does, each
     shown twice its size above its true and predicted labels (sample_lines), under a legend.
     targets (n, K) in {1, 0, -1}, predicted bool (n, K). Written atomically as a PNG at `path`."""
-    pad, line_h, font = 8, 15, ImageFont.load_default(size=12)
+    pad = 8  # pixels around each cell
+    line_h = 15  # pixels per line of labels
+    font = ImageFont.load_default(size=12)
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     pixels = (images[:16].float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
