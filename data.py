@@ -759,10 +759,11 @@ def _ngon(n, inner=None, dy=0.0):
     """Unit-radius regular n-gon pointing up, or an n-pointed star with inner radius `inner`."""
     k = 2 * n if inner else n
     rad = [inner if inner and i % 2 else 1.0 for i in range(k)]
-    return [
-        (r * math.sin(2 * math.pi * i / k), dy - r * math.cos(2 * math.pi * i / k))
-        for i, r in enumerate(rad)
-    ]
+    vertices = []
+    for i, r in enumerate(rad):
+        angle = 2 * math.pi * i / k  # from straight up, clockwise (y points down)
+        vertices.append((r * math.sin(angle), dy - r * math.cos(angle)))
+    return vertices
 
 
 _SQUARE = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
@@ -823,7 +824,11 @@ def _rgb(h, s, v):
 
 def _apart(a, b):
     """Boxes (x0, y0, x1, y1) that neither overlap nor touch."""
-    return a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
+    a_x0, a_y0, a_x1, a_y1 = a
+    b_x0, b_y0, b_x1, b_y1 = b
+    side_by_side = a_x1 < b_x0 or b_x1 < a_x0
+    one_above_the_other = a_y1 < b_y0 or b_y1 < a_y0
+    return side_by_side or one_above_the_other
 
 
 class _Plan(NamedTuple):

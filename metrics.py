@@ -22,7 +22,9 @@ import numpy as np
 
 # MATLAB's 0:0.1:1, built as the devkit's MATLAB builds it: a + k d up to the middle, b - (n - k) d
 # after it. Its 4th point is 3 * 0.1 = 0.30000000000000004, which a recall of exactly 0.3 misses.
-VOC11_GRID = np.array([k * 0.1 for k in range(6)] + [1 - k * 0.1 for k in range(4, -1, -1)])
+_UP = [k * 0.1 for k in range(6)]  # 0, 0.1, ..., 0.5
+_DOWN = [1 - k * 0.1 for k in range(4, -1, -1)]  # 0.6, ..., 1.0
+VOC11_GRID = np.array(_UP + _DOWN)
 SIZES = {1: "AP_s", 2: "AP_m", 3: "AP_l"}
 
 

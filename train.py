@@ -120,12 +120,12 @@ class TrainConfig:
     eval_only: bool = False  # not in the paper
 
 
-# The embedded default, not from the paper: MITr-tiny from scratch in ~7 minutes of a 2-core CPU.
+# The embedded default, not from the paper: MITr-tiny from scratch in ~8 minutes of a 2-core CPU.
 SHAPES = dict(
     variant="tiny",  # a CPU-sized model (mitr.VARIANTS)
     num_train=12800,  # fresh images every epoch (Shapes.set_epoch): 200 steps of 64 per epoch
     num_val=1000,
-    epochs=3,  # 600 steps (442 s, 76.9 mAP); 702 steps (3 x 234) scored no better in a trial
+    epochs=3,  # 600 steps (442-473 s, 76.9 mAP); 702 steps (3 x 234) scored no better in a trial
     batch_size=64,  # batch 32 learned less per image (74.2 after 32,000 images)
     lr=1e-3,  # no pretraining; 2e-3 collapsed (the loss rose from step 280)
     ema_decay=0.99,  # ~100 steps: 0.9997 averages over ~3300 steps, more than the whole run
@@ -210,7 +210,7 @@ HELP = dict(
 )
 DESCRIPTION = (
     "Train / evaluate MITr (Cheng et al., 2021). Defaults: Section 4.1 for --data "
-    "coco|voc|nuswide|csv, a ~7-minute CPU demo for --data shapes. Inference: `python train.py "
+    "coco|voc|nuswide|csv, a ~8-minute CPU demo for --data shapes. Inference: `python train.py "
     "predict --help`. Many processes: `torchrun --nproc_per_node=N train.py ...`."
 )
 
@@ -1542,8 +1542,9 @@ def draw_samples(images, targets, predicted, classes, path):
     font = ImageFont.load_default(size=12)
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
-    pixels = (images[:16].float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
-    side = 2 * pixels.shape[-1]  # (n, 3, H, W) uint8, shown at 2H x 2W
+    rgb = (images[:16].float().cpu() * std + mean).clamp(0, 1)  # (n, 3, H, W) in [0, 1]
+    pixels = rgb.mul(255).round().byte()  # (n, 3, H, W) uint8
+    side = 2 * pixels.shape[-1]  # shown at 2H x 2W
     true = np.asarray(targets[:16]) == 1
     texts = [
         [row for line in sample_lines(t, p, classes) for row in wrap(line, font, side)]
