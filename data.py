@@ -314,7 +314,9 @@ def to_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     statistics that pretrained Swin weights expect; ASL does not normalise)."""
     x = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3) uint8
     x = x.permute(2, 0, 1).contiguous().float().div_(255.0)  # (H, W, 3) -> (3, H, W)
-    return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 class Transform:
@@ -706,7 +708,9 @@ class ImageFiles(EpochDataset):
     def __getitem__(self, i):
         img = load_image(str(self.files[i]), draft_size=self.transform.img_size)
         image = self.transform(img, self.epoch, i)
-        return image, torch.tensor(self.targets[i]).float(), torch.tensor(self.sizes[i]).long()
+        targets = torch.tensor(self.targets[i]).float()  # (K,) 1, 0 or -1
+        sizes = torch.tensor(self.sizes[i]).long()  # (K,) 0 unknown, 1 small, 2 medium, 3 large
+        return image, targets, sizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -957,8 +961,9 @@ class Shapes(EpochDataset):
         g = ImageDraw.Draw(img)
         for _ in range(rng.randint(3, 7)):  # clutter: thin low-contrast lines
             col = _rgb(rng.random(), rng.uniform(0, 0.3), rng.uniform(0.3, 0.65))
-            ends = [(rng.random() * s, rng.random() * s), (rng.random() * s, rng.random() * s)]
-            g.line(ends, fill=col, width=max(1, round(s / 96)))
+            start = (rng.random() * s, rng.random() * s)
+            end = (rng.random() * s, rng.random() * s)
+            g.line([start, end], fill=col, width=max(1, round(s / 96)))
         for _ in range(rng.randint(0, 2)):  # "suspicious dots": dim grey specks, not the class dot
             col = _rgb(0, 0, rng.uniform(0.45, 0.7))
             r = rng.uniform(1.0, 1.6) * s / 96

@@ -410,7 +410,9 @@ def arc_logits(x, weight, s):
     sigmoid(s cos theta), because as printed p would fall as the feature turns towards its class
     (Interpretation 10). In float32 with autocast off: bf16 logits are off by ~5e-3."""
     with torch.autocast(x.device.type, enabled=False):
-        cos = F.normalize(x.float(), dim=-1) @ F.normalize(weight.float(), dim=-1).t()  # (B, n)
+        features = F.normalize(x.float(), dim=-1)  # (B, d), unit length
+        classes = F.normalize(weight.float(), dim=-1)  # (n, d), unit length
+        cos = features @ classes.t()  # (B, n)
     return s * cos  # Eq. (13), within [-s, s]
 
 
