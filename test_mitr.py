@@ -1605,36 +1605,20 @@ def test_metrics_auroc_hand_and_pair_loop():
     assert np.isnan(area[4:]).all()
 
 
-def test_metrics_coco_sized_speed():
-    # COCO val2014 with annotations: 40,137 images x 80 classes. Timing printed; asserted only for
-    # choose_thresholds, loosely: a Python loop over its candidate thresholds would take minutes.
+def test_metrics_coco_sized_inputs():
+    # COCO val2014 with annotations: 40,137 images x 80 classes, through every metric. No timing
+    # is asserted (speed is for a benchmark); a Python loop over candidate thresholds would show
+    # as minutes of suite time.
     rng = np.random.default_rng(0)
     N, K = 40137, 80
     t = (rng.random((N, K)) < 0.036).astype(np.int8)
     s = (rng.random((N, K)) + 0.5 * t).astype(np.float32)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ap = average_precision(s, t)
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    average_precision(s, t, voc11=True)
-    t_voc11 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    multilabel_report(s, t)
-    t_report = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    ap = average_precision(s, t)
+    ap_voc11 = average_precision(s, t, voc11=True)
+    report = multilabel_report(s, t)
     th = choose_thresholds(s, t)
-    t_choose = time.perf_counter() - t0
-    t0 = time.perf_counter()
     area = auroc(s, t)
-    t_auroc = time.perf_counter() - t0
-    print(
-        f"\nmAP over {N}x{K}: first {times[0]:.3f} s, best {min(times):.3f} s; "
-        f"voc11 {t_voc11:.3f} s; full report {t_report:.3f} s; "
-        f"choose_thresholds {t_choose:.3f} s; auroc {t_auroc:.3f} s"
-    )
-    assert t_choose < 20
+    assert np.isfinite(ap_voc11).all() and report["mAP"] == pytest.approx(np.nanmean(ap))
     assert area.shape == (K,) and (area > 50).all()
     # the chosen thresholds at this size: per class = one class at a time, and no CF1 at 20 other
     # thresholds beats the overall one
